@@ -1,0 +1,100 @@
+"""calibrate-teacher: measure and fix a teacher's calibration before knowledge distillation.
+
+The public API is re-exported here and imported lazily, so ``import calibrate_teacher`` (and the
+CLI's ``--help``) never pays for torch or onnxruntime until a function needs them::
+
+    import calibrate_teacher as ct
+
+    fit = ct.fit_temperature(logits, labels, objective="ece")
+    print(fit.temperature, fit.before.ece, fit.after.ece, fit.verdict)
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from calibrate_teacher.errors import (
+    BakeError,
+    CacheError,
+    CalibrateTeacherError,
+    InputError,
+    InvalidValueError,
+    MissingDependencyError,
+    OutputExistsError,
+    TeacherError,
+)
+
+__version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_LAZY: dict[str, str] = {
+    "LogitSet": "calibrate_teacher.logits",
+    "load_logits": "calibrate_teacher.logits",
+    "BinStats": "calibrate_teacher.metrics",
+    "CalibrationMetrics": "calibrate_teacher.metrics",
+    "DEFINITIONS": "calibrate_teacher.metrics",
+    "calibration_metrics": "calibrate_teacher.metrics",
+    "calibration_metrics_from_probs": "calibrate_teacher.metrics",
+    "expected_calibration_error": "calibrate_teacher.metrics",
+    "adaptive_calibration_error": "calibrate_teacher.metrics",
+    "classwise_calibration_error": "calibrate_teacher.metrics",
+    "SweepPoint": "calibrate_teacher.temperature",
+    "TemperatureFit": "calibrate_teacher.temperature",
+    "fit_temperature": "calibrate_teacher.temperature",
+    "sweep": "calibrate_teacher.temperature",
+    "CalibrationRun": "calibrate_teacher.pipeline",
+    "Evaluation": "calibrate_teacher.pipeline",
+    "LogitSource": "calibrate_teacher.pipeline",
+    "calibrate": "calibrate_teacher.pipeline",
+    "evaluate": "calibrate_teacher.pipeline",
+    "obtain_logits": "calibrate_teacher.pipeline",
+}
+
+__all__ = [
+    "BakeError",
+    "CacheError",
+    "CalibrateTeacherError",
+    "InputError",
+    "InvalidValueError",
+    "MissingDependencyError",
+    "OutputExistsError",
+    "TeacherError",
+    "__version__",
+    *sorted(_LAZY),
+]
+
+if TYPE_CHECKING:
+    from calibrate_teacher.logits import LogitSet, load_logits
+    from calibrate_teacher.metrics import (
+        DEFINITIONS,
+        BinStats,
+        CalibrationMetrics,
+        adaptive_calibration_error,
+        calibration_metrics,
+        calibration_metrics_from_probs,
+        classwise_calibration_error,
+        expected_calibration_error,
+    )
+    from calibrate_teacher.pipeline import (
+        CalibrationRun,
+        Evaluation,
+        LogitSource,
+        calibrate,
+        evaluate,
+        obtain_logits,
+    )
+    from calibrate_teacher.temperature import SweepPoint, TemperatureFit, fit_temperature, sweep
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'calibrate_teacher' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,87 @@
+"""The two binning schemes behind every calibration metric (see ``metrics`` for the definitions).
+
+Equal-width bins: ``M`` bins with edges ``e_m = m / M``; a value ``p`` is in bin ``m`` (0-based)
+when ``e_m < p <= e_{m+1}``, and ``p = 0`` is in bin 0.
+
+Equal-mass bins: sort the ``n`` values, cut them into consecutive groups of ``ceil(n / M)``
+values (the last group may be smaller, so there can be fewer than ``M`` groups), put each
+boundary halfway between the last value of one group and the first of the next, and give each
+value to the first bin whose upper boundary is >= it (ties go to the lower bin). This is the
+scheme of verified_calibration's ``get_equal_bins``; it depends only on the values, so the
+result does not change when samples are permuted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def inner_edges(n_bins: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``n_bins - 1`` interior edges of equal-width bins on [0, 1], float64."""
+    import torch
+
+    return torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=device)[1:-1]
+
+
+def equal_width_index(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Bin index of each value for equal-width bins ``(lo, hi]`` (0 goes to bin 0)."""
+    import torch
+
+    return torch.bucketize(values, edges, right=False)
+
+
+def equal_mass_bins(
+    values: torch.Tensor, hits: torch.Tensor, n_bins: int, *, threshold: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Equal-mass binning of each row of ``values`` ``[K, n]`` with outcomes ``hits`` ``[K, n]``.
+
+    Args:
+        values: float64 probabilities, one binning problem per row.
+        hits: float64 0/1 outcomes aligned with ``values``.
+        n_bins: The number of bins ``M`` (groups of ``ceil(m / M)`` values).
+        threshold: Keep only values strictly above it (TACE); None keeps all (ACE, AdaECE).
+
+    Returns:
+        ``(count, value_sum, hit_sum, kept, upper)``: per-bin counts and sums ``[K, M]``, the
+        number of values kept per row ``[K]``, and the upper edges of the first ``M - 1`` bins
+        ``[K, M - 1]`` (2.0 where a bin lies past the last group). Bins past the last group are
+        empty.
+    """
+    import torch
+
+    k, n = values.shape
+    if threshold is not None:
+        keep = values > threshold
+        values = torch.where(keep, values, torch.full_like(values, -1.0))
+        kept = keep.sum(dim=1)
+    else:
+        kept = torch.full((k,), n, dtype=torch.int64, device=values.device)
+    sorted_values, order = torch.sort(values, dim=1)
+    sorted_hits = hits.gather(1, order)
+    if threshold is not None:
+        sorted_hits = sorted_hits * (sorted_values > threshold)
+        sorted_values = sorted_values.clamp_min(0.0)
+    offset = n - kept  # excluded values sort first, as -1
+    group = torch.div(kept + n_bins - 1, n_bins, rounding_mode="floor")
+    j = torch.arange(1, n_bins, device=values.device)
+    starts = offset[:, None] + j[None, :] * group[:, None]
+    valid = (j[None, :] * group[:, None]) < kept[:, None]
+    above = sorted_values.gather(1, starts.clamp(0, n - 1))
+    below = sorted_values.gather(1, (starts - 1).clamp(0, n - 1))
+    edge = (below + above) / 2
+    # Number of values <= each edge: ties with an edge stay in the lower bin.
+    upto = torch.searchsorted(sorted_values.contiguous(), edge.contiguous(), right=True)
+    upto = torch.where(valid, upto, torch.full_like(upto, n))
+    bounds = torch.cat([offset[:, None], upto, torch.full_like(offset[:, None], n)], dim=1)
+    zero = torch.zeros((k, 1), dtype=torch.float64, device=values.device)
+    cum_v = torch.cat([zero, sorted_values.cumsum(dim=1)], dim=1)
+    cum_h = torch.cat([zero, sorted_hits.cumsum(dim=1)], dim=1)
+    lo, hi = bounds[:, :-1], bounds[:, 1:]
+    count = (hi - lo).to(torch.float64)
+    value_sum = cum_v.gather(1, hi) - cum_v.gather(1, lo)
+    hit_sum = cum_h.gather(1, hi) - cum_h.gather(1, lo)
+    upper = torch.where(valid, edge, torch.full_like(edge, 2.0))
+    return count, value_sum, hit_sum, kept, upper

@@ -1,0 +1,415 @@
+"""Temperature search: the ``T`` that calibrates ``softmax(logits / T)``.
+
+Objectives:
+
+- ``nll``: the exact minimiser of the mean negative log-likelihood. NLL is convex in
+  ``beta = 1/T``, so it is found by safeguarded Newton on ``beta`` (gradient and curvature in one
+  pass over the logits per step, bisection whenever a step would leave the bracket), started
+  from a fit on a strided subsample; tolerance ``1e-5`` in ``T``. Logits are shifted by their row
+  maximum first, so saturated softmaxes stay exact (log space).
+- ``ece``, ``adaece``, ``ace``: the grid of ``grid`` temperatures log-spaced over ``bounds`` (plus
+  ``T = 1`` and ``T = 1.5``) brackets the best value, then a golden-section search on ``log T``
+  refines it between the neighbouring grid points.
+- ``fixed``: a given ``T``; by default 1.5, the default of Kim et al. (arXiv 2508.20224), whose
+  robust range is 1.5-3.0 and leaves the teacher slightly underconfident.
+
+Every fit reports the metrics before (``T = 1``) and after, the sweep over the grid, and where
+``T`` sits relative to the paper's range. KD trainers that divide teacher *and* student logits by
+their own ``tau`` then see the calibrated teacher at ``tau * T``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+from calibrate_teacher import _binning
+from calibrate_teacher.errors import InvalidValueError
+from calibrate_teacher.metrics import (
+    DEFINITIONS,
+    CalibrationMetrics,
+    adaptive_calibration_error_of_logits,
+    calibration_metrics,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+
+__all__ = [
+    "OBJECTIVES",
+    "PAPER_DEFAULT_T",
+    "PAPER_RANGE",
+    "SweepPoint",
+    "TemperatureFit",
+    "fit_temperature",
+    "sweep",
+]
+
+Objective = Literal["nll", "ece", "adaece", "ace", "fixed"]
+OBJECTIVES: tuple[str, ...] = ("nll", "ece", "adaece", "ace", "fixed")
+PAPER_DEFAULT_T = 1.5
+PAPER_RANGE = (1.5, 3.0)
+_ROW_ELEMENTS = 1 << 21
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Top-label metrics at one temperature (float32 softmax, float64 sums)."""
+
+    temperature: float
+    nll: float
+    brier: float
+    confidence: float
+    ece: float
+    ece_over: float
+    ece_under: float
+    mce: float
+    adaece: float
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    """The chosen temperature, how it was found, and the teacher before and after.
+
+    Attributes:
+        temperature: The chosen ``T`` (divide the logits by it).
+        objective: What was minimised (``fixed`` for a given ``T``).
+        objective_value: The objective at ``T`` (None for ``fixed``).
+        iterations: Optimiser steps (Newton steps, or objective evaluations of a search).
+        passes: Passes over all the logits spent on the search.
+        bounds: The ``(low, high)`` range searched.
+        at_bound: True when ``T`` sits on a bound (widen ``bounds`` to look further).
+        before: Metrics at ``T = 1``.
+        after: Metrics at ``T``.
+        sweep: Metrics over the grid of temperatures.
+    """
+
+    temperature: float
+    objective: str
+    objective_value: float | None
+    iterations: int
+    passes: int
+    bounds: tuple[float, float]
+    at_bound: bool
+    before: CalibrationMetrics
+    after: CalibrationMetrics
+    sweep: tuple[SweepPoint, ...]
+
+    @property
+    def verdict(self) -> str:
+        """Whether the teacher ends ``overconfident`` or ``underconfident`` at ``T``."""
+        return self.after.verdict
+
+    @property
+    def paper_range(self) -> str:
+        """Where ``T`` sits relative to the paper's robust range 1.5-3.0: below, within, above."""
+        lo, hi = PAPER_RANGE
+        return "below" if self.temperature < lo else "above" if self.temperature > hi else "within"
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON report: temperature, objective, before, after, sweep, definitions..."""
+        return {
+            "temperature": self.temperature,
+            "objective": self.objective,
+            "objective_value": self.objective_value,
+            "verdict": self.verdict,
+            "paper": {
+                "default_temperature": PAPER_DEFAULT_T,
+                "robust_range": list(PAPER_RANGE),
+                "position": self.paper_range,
+            },
+            "iterations": self.iterations,
+            "passes": self.passes,
+            "bounds": list(self.bounds),
+            "at_bound": self.at_bound,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "sweep": [asdict(p) for p in self.sweep],
+            "definitions": dict(DEFINITIONS),
+        }
+
+
+def fit_temperature(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    objective: Objective = "ece",
+    temperature: float | None = None,
+    bounds: tuple[float, float] = (0.05, 20.0),
+    n_bins: int = 15,
+    grid: int = 64,
+    tol: float = 1e-5,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> TemperatureFit:
+    """Find the temperature that calibrates the teacher and measure it before and after.
+
+    Args:
+        logits: ``[N, C]`` teacher logits (any float dtype, CPU or CUDA).
+        labels: ``[N]`` integer labels.
+        objective: ``nll`` (exact), ``ece``, ``adaece``, ``ace`` (search) or ``fixed``.
+        temperature: The ``T`` for ``fixed`` (default 1.5, the paper's); not allowed otherwise.
+        bounds: The range of ``T`` searched.
+        n_bins: Bins for every binned metric.
+        grid: Temperatures in the sweep (log-spaced over ``bounds``, plus 1 and 1.5).
+        tol: Tolerance on ``T`` for ``nll`` and the refinement of the searches.
+        bootstrap: Resamples for 95% intervals of ECE and ACE in ``before``/``after``.
+        seed: Seed of the bootstrap.
+
+    Returns:
+        A :class:`TemperatureFit`.
+
+    Raises:
+        InvalidValueError: bad logits/labels, unknown objective, bad bounds or temperature.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.randint(0, 5, (400,), generator=g)
+        >>> z = 4 * torch.nn.functional.one_hot(y, 5) + 3 * torch.randn(400, 5, generator=g)
+        >>> fit = fit_temperature(z, y, objective="nll")
+        >>> fit.after.nll < fit.before.nll
+        True
+    """
+    from calibrate_teacher.logits import validate_logits
+
+    validate_logits(logits, labels)
+    lo, hi = _check_bounds(bounds)
+    if objective not in OBJECTIVES:
+        raise InvalidValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if grid < 2:
+        raise InvalidValueError(f"grid must be at least 2 temperatures, got {grid}")
+    if temperature is not None and objective != "fixed":
+        raise InvalidValueError("a temperature is given only with objective='fixed'")
+    prepared = _Prepared(logits, labels)
+    temps = _grid(lo, hi, grid)
+    points = tuple(prepared.point(t, n_bins) for t in temps)
+    value: float | None
+    if objective == "fixed":
+        t = PAPER_DEFAULT_T if temperature is None else float(temperature)
+        if not (math.isfinite(t) and t > 0):
+            raise InvalidValueError(f"temperature must be a finite number > 0, got {temperature}")
+        value, iterations, passes = None, 0, 0
+    elif objective == "nll":
+        t, iterations, passes = _fit_nll(prepared, lo, hi, tol)
+        value = prepared.point(t, n_bins).nll
+    else:
+        t, value, iterations, passes = _search(prepared, objective, points, lo, hi, n_bins, tol)
+    before = calibration_metrics(logits, labels, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
+    after = calibration_metrics(logits, labels, temperature=t, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
+    at_bound = objective != "fixed" and (abs(t - lo) <= 2 * tol * lo or abs(t - hi) <= 2 * tol * hi)
+    return TemperatureFit(
+        temperature=t,
+        objective=objective,
+        objective_value=value,
+        iterations=iterations,
+        passes=passes,
+        bounds=(lo, hi),
+        at_bound=at_bound,
+        before=before,
+        after=after,
+        sweep=points,
+    )
+
+
+def sweep(
+    logits: torch.Tensor, labels: torch.Tensor, temperatures: Sequence[float], *, n_bins: int = 15
+) -> tuple[SweepPoint, ...]:
+    """Top-label metrics (NLL, Brier, ECE and its parts, MCE, AdaECE) at each temperature.
+
+    Example:
+        >>> import torch
+        >>> pts = sweep(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]), [1.0, 2.0])
+        >>> [round(p.confidence, 4) for p in pts]
+        [0.8496, 0.7258]
+    """
+    from calibrate_teacher.logits import validate_logits
+
+    validate_logits(logits, labels)
+    for t in temperatures:
+        if not (math.isfinite(t) and t > 0):
+            raise InvalidValueError(f"temperatures must be finite and > 0, got {t}")
+    prepared = _Prepared(logits, labels)
+    return tuple(prepared.point(float(t), n_bins) for t in temperatures)
+
+
+# --- internals ---------------------------------------------------------------------------
+
+
+def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise InvalidValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    return lo, hi
+
+
+def _grid(lo: float, hi: float, size: int) -> list[float]:
+    step = (math.log(hi) - math.log(lo)) / (size - 1)
+    temps = {math.exp(math.log(lo) + i * step) for i in range(size)}
+    temps |= {t for t in (1.0, PAPER_DEFAULT_T) if lo <= t <= hi}
+    return sorted(temps)
+
+
+class _Prepared:
+    """Logits shifted by their row maximum (float32) and what every pass needs."""
+
+    def __init__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        import torch
+
+        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        z = logits.to(work)
+        self.shifted = z - z.max(dim=1, keepdim=True).values  # row max is exactly 0
+        self.labels = labels.to(device=z.device, dtype=torch.int64)
+        self.label_logit = self.shifted.gather(1, self.labels[:, None]).squeeze(1).to(torch.float64)
+        self.correct = (z.argmax(dim=1) == self.labels).to(torch.float64)
+        self.n = z.shape[0]
+        self.step = max(1, _ROW_ELEMENTS // z.shape[1])
+
+    def newton_terms(self, beta: float, stride: int = 1) -> tuple[float, float]:
+        """Gradient and curvature of the mean NLL in ``beta`` (one pass; every ``stride``-th row)."""
+        import torch
+
+        grad = torch.zeros((), dtype=torch.float64, device=self.shifted.device)
+        curv = torch.zeros((), dtype=torch.float64, device=self.shifted.device)
+        rows = self.shifted[::stride] if stride > 1 else self.shifted
+        label_logit = self.label_logit[::stride] if stride > 1 else self.label_logit
+        for start in range(0, rows.shape[0], self.step):
+            z = rows[start : start + self.step]
+            e = torch.exp(z * beta)
+            s = e.sum(dim=1)
+            ez = e * z
+            m1 = ez.sum(dim=1) / s
+            m2 = (ez * z).sum(dim=1) / s
+            grad += (m1.to(torch.float64) - label_logit[start : start + self.step]).sum()
+            curv += (m2.to(torch.float64) - m1.to(torch.float64) ** 2).clamp_min(0).sum()
+        count = rows.shape[0]
+        return float(grad) / count, float(curv) / count
+
+    def row_stats(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row ``(confidence, nll, brier)`` at ``temperature`` in float64."""
+        import torch
+
+        beta = 1.0 / temperature
+        confs, nlls, briers = [], [], []
+        for start in range(0, self.n, self.step):
+            z = self.shifted[start : start + self.step]
+            y = self.labels[start : start + self.step]
+            e = torch.exp(z * beta)
+            s = e.sum(dim=1).to(torch.float64)
+            sq = (e * e).sum(dim=1).to(torch.float64)
+            e_y = e.gather(1, y[:, None]).squeeze(1).to(torch.float64)
+            confs.append(1.0 / s)  # the top class has z = 0, so e = 1
+            nlls.append(s.log() - beta * self.label_logit[start : start + self.step])
+            briers.append(sq / (s * s) - 2 * e_y / s + 1)
+        return torch.cat(confs), torch.cat(nlls), torch.cat(briers)
+
+    def point(self, temperature: float, n_bins: int) -> SweepPoint:
+        conf, nll, brier = self.row_stats(temperature)
+        over, under, mce = _top_label_ece(conf, self.correct, n_bins)
+        _, a_conf, a_hits, _, _ = _binning.equal_mass_bins(conf[None, :], self.correct[None, :], n_bins)
+        return SweepPoint(
+            temperature=temperature,
+            nll=float(nll.mean()),
+            brier=float(brier.mean()),
+            confidence=float(conf.mean()),
+            ece=over + under,
+            ece_over=over,
+            ece_under=under,
+            mce=mce,
+            adaece=float((a_hits - a_conf).abs().sum()) / self.n,
+        )
+
+
+def _top_label_ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> tuple[float, float, float]:
+    import torch
+
+    edges = _binning.inner_edges(n_bins, device=conf.device)
+    bins = _binning.equal_width_index(conf, edges)
+    count = torch.bincount(bins, minlength=n_bins).to(torch.float64)
+    gap = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, conf - correct)
+    n = conf.shape[0]
+    nonempty = count > 0
+    mce = float((gap[nonempty] / count[nonempty]).abs().max()) if bool(nonempty.any()) else 0.0
+    return float(gap.clamp_min(0).sum()) / n, float((-gap).clamp_min(0).sum()) / n, mce
+
+
+def _fit_nll(prepared: _Prepared, lo: float, hi: float, tol: float) -> tuple[float, int, int]:
+    """Safeguarded Newton on beta = 1/T; returns (T, Newton steps, full passes)."""
+    b_lo, b_hi = 1.0 / hi, 1.0 / lo
+    steps = passes = 0
+    beta = min(max(1.0, b_lo), b_hi)
+    # A strided subsample gets close for a fraction of the cost; full passes then polish.
+    stride = max(1, prepared.n // 4096)
+    for pass_stride in ((stride, 1) if stride > 1 else (1,)):
+        stage_tol = tol if pass_stride == 1 else max(tol, 1e-3)
+        a, b = b_lo, b_hi  # bracket on beta: gradient < 0 below the root, > 0 above it
+        for _ in range(100):
+            grad, curv = prepared.newton_terms(beta, pass_stride)
+            steps += 1
+            passes += pass_stride == 1
+            if grad > 0:
+                b = beta
+            else:
+                a = beta
+            if (beta <= b_lo and grad >= 0) or (beta >= b_hi and grad <= 0):
+                break  # the minimum lies on (or past) a bound
+            new = beta - grad / curv if curv > 0 else math.nan
+            if not (a < new < b):
+                new = math.sqrt(a * b)  # bisect in log space when Newton leaves the bracket
+            done = abs(1.0 / new - 1.0 / beta) < stage_tol
+            beta = new
+            if done:
+                break
+    return 1.0 / beta, steps, passes
+
+
+def _search(
+    prepared: _Prepared,
+    objective: str,
+    points: tuple[SweepPoint, ...],
+    lo: float,
+    hi: float,
+    n_bins: int,
+    tol: float,
+) -> tuple[float, float, int, int]:
+    """Grid bracket then golden-section refinement on log T; returns (T, value, evals, passes)."""
+    evals = 0
+
+    def value(t: float) -> float:
+        nonlocal evals
+        evals += 1
+        if objective == "ace":
+            return adaptive_calibration_error_of_logits(prepared.shifted, prepared.labels, t, n_bins)
+        p = prepared.point(t, n_bins)
+        return p.ece if objective == "ece" else p.adaece
+
+    temps = [p.temperature for p in points]
+    if objective == "ace":
+        values = [value(t) for t in temps]
+    else:
+        values = [p.ece if objective == "ece" else p.adaece for p in points]
+        evals += len(values)
+    best = min(range(len(temps)), key=lambda i: (values[i], abs(math.log(temps[i]))))
+    a = math.log(temps[max(best - 1, 0)])
+    b = math.log(temps[min(best + 1, len(temps) - 1)])
+    best_t, best_v = temps[best], values[best]
+    x1, x2 = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    f1, f2 = value(math.exp(x1)), value(math.exp(x2))
+    while b - a > tol:
+        if f1 <= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - _GOLDEN * (b - a)
+            f1 = value(math.exp(x1))
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + _GOLDEN * (b - a)
+            f2 = value(math.exp(x2))
+    for x, f in ((x1, f1), (x2, f2)):
+        if f < best_v:
+            best_t, best_v = math.exp(x), f
+    best_t = min(max(best_t, lo), hi)
+    return best_t, best_v, evals, evals
