@@ -43,6 +43,12 @@ _LAZY: dict[str, str] = {
     "TemperatureFit": "calibrate_teacher.temperature",
     "fit_temperature": "calibrate_teacher.temperature",
     "sweep": "calibrate_teacher.temperature",
+    "InputSpec": "calibrate_teacher.teachers.base",
+    "Teacher": "calibrate_teacher.teachers.base",
+    "load_teacher": "calibrate_teacher.teachers",
+    "BakeResult": "calibrate_teacher.baking",
+    "bake_temperature": "calibrate_teacher.baking",
+    "default_baked_path": "calibrate_teacher.baking",
     "CalibrationRun": "calibrate_teacher.pipeline",
     "Evaluation": "calibrate_teacher.pipeline",
     "LogitSource": "calibrate_teacher.pipeline",
@@ -52,19 +58,45 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
+    "DEFINITIONS",
     "BakeError",
+    "BakeResult",
+    "BinStats",
     "CacheError",
     "CalibrateTeacherError",
+    "CalibrationMetrics",
+    "CalibrationRun",
+    "Evaluation",
     "InputError",
+    "InputSpec",
     "InvalidValueError",
+    "LogitSet",
+    "LogitSource",
     "MissingDependencyError",
     "OutputExistsError",
+    "SweepPoint",
+    "Teacher",
     "TeacherError",
+    "TemperatureFit",
     "__version__",
-    *sorted(_LAZY),
+    "adaptive_calibration_error",
+    "bake_temperature",
+    "calibrate",
+    "calibration_metrics",
+    "calibration_metrics_from_probs",
+    "classwise_calibration_error",
+    "default_baked_path",
+    "evaluate",
+    "expected_calibration_error",
+    "fit_temperature",
+    "load_logits",
+    "load_teacher",
+    "obtain_logits",
+    "sweep",
 ]
 
 if TYPE_CHECKING:
+    from calibrate_teacher.baking import BakeResult, bake_temperature, default_baked_path
     from calibrate_teacher.logits import LogitSet, load_logits
     from calibrate_teacher.metrics import (
         DEFINITIONS,
@@ -84,6 +116,8 @@ if TYPE_CHECKING:
         evaluate,
         obtain_logits,
     )
+    from calibrate_teacher.teachers import load_teacher
+    from calibrate_teacher.teachers.base import InputSpec, Teacher
     from calibrate_teacher.temperature import SweepPoint, TemperatureFit, fit_temperature, sweep
 
 

@@ -50,33 +50,52 @@ def equal_mass_bins(
         ``[K, M - 1]`` (2.0 where a bin lies past the last group). Bins past the last group are
         empty.
     """
+    sorted_values, sorted_hits = sort_rows(values, hits)
+    return equal_mass_sorted(sorted_values, sorted_hits, n_bins, first=first_above(sorted_values, threshold))
+
+
+def sort_rows(values: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row of ``values`` ascending and carry ``hits`` along."""
     import torch
 
-    k, n = values.shape
-    if threshold is not None:
-        keep = values > threshold
-        values = torch.where(keep, values, torch.full_like(values, -1.0))
-        kept = keep.sum(dim=1)
-    else:
-        kept = torch.full((k,), n, dtype=torch.int64, device=values.device)
     sorted_values, order = torch.sort(values, dim=1)
-    sorted_hits = hits.gather(1, order)
-    if threshold is not None:
-        sorted_hits = sorted_hits * (sorted_values > threshold)
-        sorted_values = sorted_values.clamp_min(0.0)
-    offset = n - kept  # excluded values sort first, as -1
+    return sorted_values.contiguous(), hits.gather(1, order)
+
+
+def first_above(sorted_values: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Per row, the position of the first value strictly above ``threshold`` (0 for None)."""
+    import torch
+
+    k = sorted_values.shape[0]
+    if threshold is None:
+        return torch.zeros(k, dtype=torch.int64, device=sorted_values.device)
+    probe = torch.full((k, 1), threshold, dtype=sorted_values.dtype, device=sorted_values.device)
+    return torch.searchsorted(sorted_values, probe, right=True).squeeze(1)
+
+
+def equal_mass_sorted(
+    sorted_values: torch.Tensor, sorted_hits: torch.Tensor, n_bins: int, *, first: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`equal_mass_bins` on rows already sorted, binning positions ``first:`` of each row.
+
+    Sorting once serves ACE (``first`` = 0) and TACE (``first`` past the threshold) alike.
+    """
+    import torch
+
+    k, n = sorted_values.shape
+    kept = n - first
     group = torch.div(kept + n_bins - 1, n_bins, rounding_mode="floor")
-    j = torch.arange(1, n_bins, device=values.device)
-    starts = offset[:, None] + j[None, :] * group[:, None]
+    j = torch.arange(1, n_bins, device=sorted_values.device)
+    starts = first[:, None] + j[None, :] * group[:, None]
     valid = (j[None, :] * group[:, None]) < kept[:, None]
     above = sorted_values.gather(1, starts.clamp(0, n - 1))
     below = sorted_values.gather(1, (starts - 1).clamp(0, n - 1))
     edge = (below + above) / 2
     # Number of values <= each edge: ties with an edge stay in the lower bin.
-    upto = torch.searchsorted(sorted_values.contiguous(), edge.contiguous(), right=True)
+    upto = torch.searchsorted(sorted_values, edge.contiguous(), right=True)
     upto = torch.where(valid, upto, torch.full_like(upto, n))
-    bounds = torch.cat([offset[:, None], upto, torch.full_like(offset[:, None], n)], dim=1)
-    zero = torch.zeros((k, 1), dtype=torch.float64, device=values.device)
+    bounds = torch.cat([first[:, None], upto, torch.full_like(first[:, None], n)], dim=1)
+    zero = torch.zeros((k, 1), dtype=torch.float64, device=sorted_values.device)
     cum_v = torch.cat([zero, sorted_values.cumsum(dim=1)], dim=1)
     cum_h = torch.cat([zero, sorted_hits.cumsum(dim=1)], dim=1)
     lo, hi = bounds[:, :-1], bounds[:, 1:]

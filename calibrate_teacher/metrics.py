@@ -53,8 +53,10 @@ __all__ = [
 ]
 
 TACE_THRESHOLD = 0.01
-#: Elements of float64 work per chunk (rows x classes); bounds memory at a few hundred MB.
-CHUNK_ELEMENTS = 1 << 21
+#: Elements of float64 work per row chunk: small enough to stay in a CPU's cache.
+CHUNK_ELEMENTS = 1 << 16
+#: Elements per column block of ACE/TACE (each sorted along N): bounds memory at ~200 MB.
+COLUMN_ELEMENTS = 1 << 22
 
 DEFINITIONS: dict[str, str] = {
     "accuracy": "fraction of samples whose top-1 prediction equals the label",
@@ -223,9 +225,19 @@ def adaptive_calibration_error(
         >>> round(adaptive_calibration_error(p, torch.tensor([0, 1, 1, 1]), n_bins=2), 6)
         0.4
     """
+    import torch
+
     _validate_probs(probs, labels)
     _check_options(n_bins=n_bins, bootstrap=0)
-    return _class_equal_mass(_prob_columns(probs), labels, n_bins, threshold)[0]
+    if threshold is None or threshold == TACE_THRESHOLD:
+        ace, tace, _ = _class_equal_mass(_prob_columns(probs), labels, n_bins)
+        return ace if threshold is None else tace
+    values = probs.to(torch.float64).T.contiguous()
+    hits = (labels[None, :] == torch.arange(probs.shape[1])[:, None]).to(torch.float64)
+    _, value_sum, hit_sum, kept, _ = _binning.equal_mass_bins(values, hits, n_bins, threshold=threshold)
+    err = (hit_sum - value_sum).abs().sum(dim=1) / kept.clamp_min(1)
+    present = kept > 0
+    return float(err[present].sum()) / max(int(present.sum()), 1)
 
 
 def adaptive_calibration_error_of_logits(
@@ -235,7 +247,7 @@ def adaptive_calibration_error_of_logits(
     import torch
 
     lse = torch.cat([chunk[2] for chunk in _logit_chunks(logits, temperature) if chunk[2] is not None])
-    return _class_equal_mass(_logit_columns(logits, temperature, lse), labels, n_bins, None)[0]
+    return _class_equal_mass(_logit_columns(logits, temperature, lse), labels, n_bins)[0]
 
 
 def classwise_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> float:
@@ -304,7 +316,7 @@ def _prob_columns(probs: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_class, p[:, cols].T)`` float64 column blocks ``[cols, N]``."""
     import torch
 
-    step = max(1, CHUNK_ELEMENTS // (4 * probs.shape[0]))
+    step = max(1, COLUMN_ELEMENTS // probs.shape[0])
     for start in range(0, probs.shape[1], step):
         yield start, probs[:, start : start + step].to(torch.float64).T.contiguous()
 
@@ -312,7 +324,7 @@ def _prob_columns(probs: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 def _logit_columns(logits: torch.Tensor, temperature: float, lse: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     import torch
 
-    step = max(1, CHUNK_ELEMENTS // (4 * logits.shape[0]))
+    step = max(1, COLUMN_ELEMENTS // logits.shape[0])
     for start in range(0, logits.shape[1], step):
         z = logits[:, start : start + step].to(torch.float64) / temperature
         yield start, (z - lse[:, None]).exp().T.contiguous()
@@ -322,28 +334,31 @@ def _class_equal_mass(
     columns: Iterator[tuple[int, torch.Tensor]],
     labels: torch.Tensor,
     n_bins: int,
-    threshold: float | None,
     keep_edges: bool = False,
-) -> tuple[float, list[tuple[int, torch.Tensor, torch.Tensor]]]:
-    """Mean over classes of the equal-mass calibration error; optionally the bin edges used."""
+) -> tuple[float, float, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """ACE and TACE (one sort of each class column serves both); optionally ACE's bin edges."""
     import torch
 
-    total, used = 0.0, 0
+    sums = {"ace": 0.0, "tace": 0.0}
+    used = {"ace": 0, "tace": 0}
     edges: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for start, block in columns:
         classes = torch.arange(start, start + block.shape[0], device=block.device)
         hits = (labels.to(block.device)[None, :] == classes[:, None]).to(torch.float64)
-        count, value_sum, hit_sum, kept, upper = _binning.equal_mass_bins(
-            block, hits, n_bins, threshold=threshold
-        )
-        err = (hit_sum - value_sum).abs().sum(dim=1) / kept.clamp_min(1)
-        present = kept > 0
-        total += float(err[present].sum())
-        used += int(present.sum())
-        if keep_edges:
-            edges.append((start, block, upper))
-        del count
-    return (total / used if used else 0.0), edges
+        sorted_values, sorted_hits = _binning.sort_rows(block, hits)
+        for name, threshold in (("ace", None), ("tace", TACE_THRESHOLD)):
+            first = _binning.first_above(sorted_values, threshold)
+            _, value_sum, hit_sum, kept, upper = _binning.equal_mass_sorted(
+                sorted_values, sorted_hits, n_bins, first=first
+            )
+            err = (hit_sum - value_sum).abs().sum(dim=1) / kept.clamp_min(1)
+            present = kept > 0
+            sums[name] += float(err[present].sum())
+            used[name] += int(present.sum())
+            if keep_edges and threshold is None:
+                edges.append((start, block, upper))
+    ace, tace = (sums[k] / used[k] if used[k] else 0.0 for k in ("ace", "tace"))
+    return ace, tace, edges
 
 
 def _compute(
@@ -362,14 +377,16 @@ def _compute(
     device = source.device
     edges = _binning.inner_edges(n_bins, device=device)
     labels = labels.to(device=device, dtype=torch.int64)
-    f64 = {"dtype": torch.float64, "device": device}
+    def zeros(*size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.float64, device=device)
+
     confs, corrects, lses = [], [], []
-    nll = brier = torch.zeros((), **f64)
+    nll = brier = zeros()
     # Classwise bins: entries above the first edge are scattered; bin 0 is the remainder.
-    cw_count = torch.zeros(c * n_bins, **f64)
-    cw_conf = torch.zeros(c * n_bins, **f64)
-    cw_hits = torch.zeros(c * n_bins, **f64)
-    col_conf = torch.zeros(c, **f64)
+    cw_count = zeros(c * n_bins)
+    cw_conf = zeros(c * n_bins)
+    cw_hits = zeros(c * n_bins)
+    col_conf = zeros(c)
     start = 0
     for log_p, p, lse in chunks:
         y = labels[start : start + p.shape[0]]
@@ -397,8 +414,8 @@ def _compute(
     # Top-label, equal-width.
     top_bin = _binning.equal_width_index(conf, edges)
     b_count = torch.bincount(top_bin, minlength=n_bins).to(torch.float64)
-    b_conf = torch.zeros(n_bins, **f64).index_add_(0, top_bin, conf)
-    b_hits = torch.zeros(n_bins, **f64).index_add_(0, top_bin, correct)
+    b_conf = zeros(n_bins).index_add_(0, top_bin, conf)
+    b_hits = zeros(n_bins).index_add_(0, top_bin, correct)
     diff = b_conf - b_hits  # positive: overconfident
     ece_over = float(diff.clamp_min(0).sum()) / n
     ece_under = float((-diff).clamp_min(0).sum()) / n
@@ -426,8 +443,7 @@ def _compute(
             return _prob_columns(source)
         return _logit_columns(source, temperature, torch.cat(lses))
 
-    ace, ace_edges = _class_equal_mass(columns(), labels, n_bins, None, keep_edges=bootstrap > 0)
-    tace, _ = _class_equal_mass(columns(), labels, n_bins, TACE_THRESHOLD)
+    ace, tace, ace_edges = _class_equal_mass(columns(), labels, n_bins, keep_edges=bootstrap > 0)
 
     intervals: dict[str, tuple[float, float]] = {}
     if bootstrap:

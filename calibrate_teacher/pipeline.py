@@ -213,6 +213,7 @@ def calibrate(
         from calibrate_teacher._io import check_output
         from calibrate_teacher.baking import default_baked_path
 
+        assert teacher is not None
         check_output(out if out is not None else default_baked_path(teacher), overwrite=overwrite)
     ls = source.logits
     fit = fit_temperature(

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from calibrate_teacher.cli import evaluate, fit
+from calibrate_teacher.cli import bake, evaluate, fit
 from calibrate_teacher.cli._console import err
 from calibrate_teacher.cli._errors import debug_enabled, format_known_exception
 
@@ -32,6 +32,7 @@ app = typer.Typer(
 
 app.command("evaluate")(evaluate.evaluate)
 app.command("fit")(fit.fit)
+app.command("bake")(bake.bake)
 
 
 def main(argv: list[str] | None = None) -> None:

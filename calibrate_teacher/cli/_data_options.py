@@ -41,12 +41,18 @@ PreprocessOpt = Annotated[
 InputSizeOpt = Annotated[
     str | None, typer.Option("--input-size", help="Override input_size as C,H,W (e.g. 3,224,224).")
 ]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Override the normalisation mean, e.g. 0.485,0.456,0.406.")]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Override the normalisation std, e.g. 0.229,0.224,0.225.")]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="Override the normalisation mean, e.g. 0.485,0.456,0.406.")
+]
+StdOpt = Annotated[
+    str | None, typer.Option("--std", help="Override the normalisation std, e.g. 0.229,0.224,0.225.")
+]
 InterpolationOpt = Annotated[
     str | None, typer.Option("--interpolation", help="Override the resize interpolation (bilinear, bicubic, nearest).")
 ]
-CropPctOpt = Annotated[float | None, typer.Option("--crop-pct", help="Override crop_pct (resize to size / crop_pct, then crop).")]
+CropPctOpt = Annotated[
+    float | None, typer.Option("--crop-pct", help="Override crop_pct (resize to size / crop_pct, then crop).")
+]
 CropModeOpt = Annotated[str | None, typer.Option("--crop-mode", help="Override crop_mode (center, squash, border).")]
 ClassesOpt = Annotated[
     Path | None,

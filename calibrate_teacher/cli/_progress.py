@@ -9,6 +9,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -16,7 +17,6 @@ from rich.progress import (
 )
 
 from calibrate_teacher.cli._console import err
-
 
 
 @contextlib.contextmanager
@@ -34,7 +34,7 @@ def progress_bar(description: str, *, unit: str = "samples") -> Iterator[Callabl
         transient=False,
         disable=not err.is_terminal,
     )
-    task: list[int] = []
+    task: list[TaskID] = []
 
     def advance(done: int, total: int) -> None:
         if not task:

@@ -16,7 +16,10 @@ ArchOpt = Annotated[
 ]
 ArchKwargsOpt = Annotated[
     str | None,
-    typer.Option("--arch-kwargs", help='JSON keyword arguments for the --arch factory, e.g. \'{"num_classes": 100}\'.'),
+    typer.Option(
+        "--arch-kwargs",
+        help="JSON keyword arguments for the --arch factory, e.g. '{\"num_classes\": 100}'.",
+    ),
 ]
 OutputNameOpt = Annotated[
     str | None,
@@ -24,5 +27,8 @@ OutputNameOpt = Annotated[
 ]
 HeadOpt = Annotated[
     str | None,
-    typer.Option("--head", help="safetensors: the final linear layer to fold 1/T into (default: found by a probe)."),
+    typer.Option(
+        "--head",
+        help="safetensors: the final linear layer to fold 1/T into (default: found by a probe).",
+    ),
 ]

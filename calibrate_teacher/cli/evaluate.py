@@ -32,7 +32,8 @@ def evaluate(
     json_output: o.JsonOpt = False,
     report: o.ReportOpt = None,
     diagram: Annotated[
-        Path | None, typer.Option("--diagram", help="Save a reliability diagram (PNG; needs matplotlib).", dir_okay=False)
+        Path | None,
+        typer.Option("--diagram", help="Save a reliability diagram (PNG; needs matplotlib).", dir_okay=False),
     ] = None,
     save_logits: do.SaveLogitsOpt = None,
     overwrite: o.OverwriteOpt = False,

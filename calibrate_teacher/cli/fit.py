@@ -36,7 +36,9 @@ def fit(
     bounds: Annotated[
         tuple[float, float], typer.Option("--bounds", help="Search T within LOW HIGH.")
     ] = (0.05, 20.0),
-    grid: Annotated[int, typer.Option("--grid", min=2, help="Temperatures in the sweep (log-spaced, plus 1 and 1.5).")] = 64,
+    grid: Annotated[
+        int, typer.Option("--grid", min=2, help="Temperatures in the sweep (log-spaced, plus 1 and 1.5).")
+    ] = 64,
     n_bins: o.NBinsOpt = 15,
     bootstrap: o.BootstrapOpt = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,

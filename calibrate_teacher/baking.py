@@ -1,0 +1,246 @@
+"""Bake a temperature into a teacher: same format in and out, outputs become logits / T.
+
+Per format (details in each backend's docstring):
+
+* ONNX: a ``Div`` by T on the logits tensor, before any final softmax; input/output names, opset,
+  IR version and dynamic axes are unchanged; external weights are never loaded, but copied (one
+  ``<out>.data`` file) since onnx's checker refuses links; fp16 models divide in fp16.
+* TorchScript: a scripted ``TemperatureScaled`` wrapper around the original module.
+* safetensors / ``.pt`` state dict + ``--arch``: 1/T folded into the final ``nn.Linear`` (weight
+  and bias), keys, shapes and dtypes unchanged; safetensors metadata records T and the head.
+* torch.export: ``aten.div`` inserted after the logits node, re-exported with a dynamic batch.
+
+Every bake is written into a staging folder beside the output, loaded back, and run on a probe
+batch next to the original: ``max |baked - original / T|`` must stay within the tolerance
+(``1e-5 * max(1, max |original / T|)`` for float32/float64 models, ``1e-2 *`` that for
+float16 and ``5e-2 *`` for bfloat16), and for a softmax-terminated model so must the
+probabilities. Only then are the files renamed into place (companion files first, the model
+last); on any failure nothing is left behind.
+
+Downstream KD trainers usually divide the teacher's outputs by their own distillation τ as well:
+the baked teacher then sits at τ·T, which is what you want to keep (T calibrates, τ distils).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from calibrate_teacher._io import atomic_output, check_output
+from calibrate_teacher.errors import BakeError, InvalidValueError
+from calibrate_teacher.teachers import backend, open_teacher
+from calibrate_teacher.teachers._files import BackendTeacher, check_temperature, detect_format
+from calibrate_teacher.teachers.base import TeacherFormat
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BakeResult", "bake_temperature", "default_baked_path"]
+
+#: Relative tolerance of the probe check, by the precision of the model's output.
+TOLERANCES = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+PROBE_ROWS = 4
+_HEAD_FORMATS = ("safetensors", "state_dict")
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    """What a bake wrote and how well the baked teacher matched ``original / T``.
+
+    Attributes:
+        path: The baked model file.
+        format: Its format (the same as the input's).
+        temperature: The temperature T baked in.
+        max_abs_error: ``max |baked - original / T|`` over the probe batch's logits.
+        head: Where T went: the Linear layer folded (safetensors, state dict) or the ONNX tensor
+            divided; None for TorchScript and torch.export.
+        source: The teacher file baked.
+        tolerance: The bound ``max_abs_error`` had to stay within.
+        checked_probabilities: The model ends in a softmax and its probabilities were checked.
+        probe_shape: The shape of the probe batch.
+        extra_files: Companion files written beside ``path`` (ONNX external data).
+        notes: Remarks from loading the teacher (provider fallback...), for stderr.
+    """
+
+    path: Path
+    format: TeacherFormat
+    temperature: float
+    max_abs_error: float
+    head: str | None
+    source: Path
+    tolerance: float
+    checked_probabilities: bool = False
+    probe_shape: tuple[int, ...] = ()
+    extra_files: tuple[Path, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (paths as strings)."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "temperature": self.temperature,
+            "max_abs_error": self.max_abs_error,
+            "tolerance": self.tolerance,
+            "head": self.head,
+            "source": str(self.source),
+            "checked_probabilities": self.checked_probabilities,
+            "probe_shape": list(self.probe_shape),
+            "extra_files": [str(p) for p in self.extra_files],
+            "notes": list(self.notes),
+        }
+
+
+def default_baked_path(teacher_path: str | os.PathLike[str]) -> Path:
+    """``<stem>.calibrated<suffix>`` next to the teacher.
+
+    >>> default_baked_path("models/resnet.onnx").as_posix()
+    'models/resnet.calibrated.onnx'
+    """
+    path = Path(teacher_path)
+    return path.with_name(f"{path.stem}.calibrated{path.suffix}")
+
+
+def bake_temperature(
+    teacher_path: str | os.PathLike[str],
+    temperature: float,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    device: str = "auto",
+    output: str | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, object] | str | None = None,
+    head: str | None = None,
+    probe: torch.Tensor | None = None,
+) -> BakeResult:
+    """Write a copy of the teacher whose logits are divided by ``temperature``, verified.
+
+    Args:
+        teacher_path: The teacher file (any format :func:`~calibrate_teacher.load_teacher` reads).
+        temperature: T, finite and > 0.
+        out: The baked file; it must keep the teacher's suffix (same format in and out).
+        overwrite: Replace ``out`` (and its companion files) if they exist.
+        device: Where the probe check runs: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        output: Which output holds the logits (see ``load_teacher``).
+        arch: The architecture for safetensors / state-dict teachers.
+        arch_kwargs: Keyword arguments for ``arch`` (mapping or JSON object string).
+        head: The ``nn.Linear`` to fold T into (safetensors / state dict only); default: the
+            Linear whose output is the model output.
+        probe: The input batch for the check; default: 4 deterministic random inputs shaped
+            as the teacher expects.
+
+    Returns:
+        A :class:`BakeResult`.
+
+    Raises:
+        InvalidValueError: T is not finite and > 0, ``out`` changes the suffix or is the
+            teacher itself, or ``head`` is given for a format without one.
+        OutputExistsError: ``out`` (or its data file) exists and ``overwrite`` is false.
+        InputError, TeacherError: the teacher cannot be read (see ``load_teacher``).
+        BakeError: the head cannot be found or is tied, or the baked teacher failed the check.
+    """
+    value = check_temperature(temperature)
+    source, target = Path(teacher_path), Path(out)
+    fmt = detect_format(source, arch=arch)
+    if head is not None and fmt not in _HEAD_FORMATS:
+        raise InvalidValueError(
+            f"--head {head!r}: only safetensors / state-dict teachers have a "
+            f"head to fold into; {source.name} is {fmt}"
+        )
+    if target.suffix.lower() != source.suffix.lower():
+        raise InvalidValueError(
+            f"{target}: the baked teacher keeps the format of {source.name}; "
+            f"give --out a {source.suffix} path"
+        )
+    if target.exists() and target.resolve() == source.resolve():
+        raise InvalidValueError(f"{target}: is the teacher itself; write the baked one elsewhere")
+    check_output(target, overwrite=overwrite)
+    original = open_teacher(
+        source, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
+    )
+    batch = probe if probe is not None else original._probe(PROBE_ROWS)
+    with contextlib.ExitStack() as stack:
+        final = stack.enter_context(atomic_output(target, overwrite=overwrite))
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent)
+        )
+        stack.callback(shutil.rmtree, staging, ignore_errors=True)
+        files = backend(fmt).bake(original, value, staging / target.name, head=head)
+        companions = [
+            stack.enter_context(atomic_output(target.parent / f.name, overwrite=overwrite))
+            for f in files.extra
+        ]
+        baked = open_teacher(
+            files.model, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
+        )
+        error, tolerance, probabilities = _verify(original, baked, batch, value, files.head)
+        # On leaving the stack: companions are renamed into place first, the model last.
+        for staged, temporary in zip(files.extra, companions, strict=True):
+            os.replace(staged, temporary)
+        os.replace(files.model, final)
+    return BakeResult(
+        path=target,
+        format=fmt,
+        temperature=value,
+        max_abs_error=error,
+        head=files.head,
+        source=source,
+        tolerance=tolerance,
+        checked_probabilities=probabilities,
+        probe_shape=tuple(batch.shape),
+        extra_files=tuple(target.parent / f.name for f in files.extra),
+        notes=tuple(original.notes),
+    )
+
+
+def _verify(
+    original: BackendTeacher,
+    baked: BackendTeacher,
+    batch: torch.Tensor,
+    temperature: float,
+    head: str | None,
+) -> tuple[float, float, bool]:
+    """Return (max error, tolerance, probabilities checked); raise BakeError past tolerance."""
+    import torch
+
+    expected = original.logits(batch).double().cpu() / temperature
+    got = baked.logits(batch).double().cpu()
+    if got.shape != expected.shape:
+        raise BakeError(
+            f"{original.path}: the baked teacher returns shape {tuple(got.shape)}, "
+            f"the original {tuple(expected.shape)}; nothing was written"
+        )
+    relative = TOLERANCES.get(original.precision, TOLERANCES["float16"])
+    tolerance = relative * max(1.0, float(expected.abs().max()))
+    error = float((got - expected).abs().max())
+    where = f" (head {head})" if head else ""
+    if not math.isfinite(error) or error > tolerance:
+        raise BakeError(
+            f"{original.path}: the baked teacher{where} does not give original / T on the probe "
+            f"batch: max |baked - original/T| = {error:.3g} > {tolerance:.3g}; nothing was "
+            "written" + ("; is --head the last layer before the output?" if head else "")
+        )
+    probabilities = original._probabilities(batch)
+    if probabilities is None:
+        return error, tolerance, False
+    baked_probabilities = baked._probabilities(batch)
+    reference = torch.softmax(expected, dim=1)
+    if baked_probabilities is None:
+        raise BakeError(
+            f"{original.path}: the baked teacher lost its final softmax; nothing was written"
+        )
+    gap = float((baked_probabilities.double().cpu() - reference).abs().max())
+    if not math.isfinite(gap) or gap > relative:
+        raise BakeError(
+            f"{original.path}: the baked teacher's probabilities differ from "
+            f"softmax(original / T) by {gap:.3g} > {relative:.3g}; nothing was written"
+        )
+    return error, tolerance, True

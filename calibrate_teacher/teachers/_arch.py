@@ -1,0 +1,110 @@
+"""Build the architecture named by ``--arch`` (``pkg.module:factory`` or ``path/file.py:factory``).
+
+User code is imported only here, only when ``--arch`` names it, and only the module named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from calibrate_teacher.errors import InvalidValueError, TeacherError
+
+if TYPE_CHECKING:
+    import torch
+
+ARCH_HELP = "expected pkg.module:factory or path/to/file.py:factory"
+
+
+def parse_arch_kwargs(arch_kwargs: Mapping[str, object] | str | None) -> dict[str, object]:
+    """Return the factory's keyword arguments from a mapping or a JSON object string."""
+    if arch_kwargs is None:
+        return {}
+    if isinstance(arch_kwargs, str):
+        try:
+            value = json.loads(arch_kwargs) if arch_kwargs.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise InvalidValueError(
+                f"--arch-kwargs {arch_kwargs!r}: not valid JSON ({exc.msg}); "
+                """expected an object such as '{"num_classes": 100}'"""
+            ) from exc
+    else:
+        value = dict(arch_kwargs)
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise InvalidValueError(
+            f"--arch-kwargs {arch_kwargs!r}: expected a JSON object of keyword arguments"
+        )
+    return value
+
+
+def build_model(arch: str, arch_kwargs: Mapping[str, object] | str | None) -> torch.nn.Module:
+    """Import the factory ``arch`` names, call it with ``arch_kwargs``, return the module.
+
+    Raises:
+        InvalidValueError: ``arch`` or ``arch_kwargs`` is malformed.
+        TeacherError: the module, file or attribute cannot be found, the factory rejects the
+            keyword arguments, or it does not return a ``torch.nn.Module``.
+    """
+    import torch
+
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    target, sep, attr = arch.rpartition(":")
+    if not sep or not target or not attr or not all(p.isidentifier() for p in attr.split(".")):
+        raise InvalidValueError(f"--arch {arch!r}: {ARCH_HELP}")
+    owner = _import_target(arch, target)
+    factory: object = owner
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise TeacherError(f"--arch {arch!r}: {target} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise TeacherError(f"--arch {arch!r}: {attr} is not callable")
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise TeacherError(
+            f"--arch {arch!r}: calling {attr}(**{kwargs}) failed ({exc}); fix --arch-kwargs"
+        ) from exc
+    if not isinstance(model, torch.nn.Module):
+        raise TeacherError(
+            f"--arch {arch!r}: {attr} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _import_target(arch: str, target: str) -> object:
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        file = Path(target).expanduser()
+        if not file.is_file():
+            raise TeacherError(f"--arch {arch!r}: file {file} does not exist")
+        # A stable private name per file, so importing the same file twice reuses the module.
+        name = (
+            "_calibrate_teacher_arch_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+        )
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, file)
+        if spec is None or spec.loader is None:
+            raise TeacherError(f"--arch {arch!r}: {file} cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    if not all(p.isidentifier() for p in target.split(".")):
+        raise InvalidValueError(f"--arch {arch!r}: {ARCH_HELP}")
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise TeacherError(
+            f"--arch {arch!r}: cannot import {target} ({exc}); install it or point to a .py file"
+        ) from exc

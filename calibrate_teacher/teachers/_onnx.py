@@ -1,0 +1,288 @@
+"""ONNX teachers, run with onnxruntime.
+
+Providers are passed explicitly: with ``device="auto"`` the CUDA provider comes first when
+onnxruntime offers it and torch sees a GPU, with ``"cuda"``/``"cuda:N"`` it is required. After the
+session starts, :attr:`OnnxTeacher.provider` says which provider really runs (onnxruntime falls
+back to CPU silently when CUDA libraries are missing); anything worth telling the user lands in
+:attr:`OnnxTeacher.notes`. onnxruntime's own logger is set to fatal-only: its errors reach us as
+exceptions, which we turn into one-line :class:`TeacherError` messages.
+
+``logits()`` returns float32 (float64 for float64 models) tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from calibrate_teacher.errors import InputError, InvalidValueError, TeacherError
+from calibrate_teacher.teachers._files import SUPPORTED, BakedFiles
+from calibrate_teacher.teachers._onnx_graph import (
+    FLOAT_TYPES,
+    LogitsTensor,
+    choose_output,
+    external_files,
+    insert_division,
+    merge_external_data,
+    real_inputs,
+    value_shape,
+)
+from calibrate_teacher.teachers._torch import (
+    as_logits,
+    expand_sample,
+    looks_like_probabilities,
+    refuse_probabilities,
+)
+from calibrate_teacher.teachers.base import InputSpec, TeacherFormat
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DYNAMIC_SIZE = 32  # probe size for a dynamic non-batch dimension (e.g. image height)
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """The exception types onnxruntime raises (Fail, InvalidGraph...): no common base class."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
+    found = (getattr(state, name, None) for name in names)
+    return tuple(c for c in found if isinstance(c, type) and issubclass(c, Exception))
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def distribution_notes() -> list[str]:
+    """A note when both onnxruntime distributions are installed (they overwrite each other)."""
+    if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
+        return [
+            "both onnxruntime and onnxruntime-gpu are installed and overwrite each other's files; "
+            "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+        ]
+    return []
+
+
+class OnnxTeacher:
+    """A :class:`Teacher` over an onnxruntime session.
+
+    Attributes:
+        provider: The execution provider that really runs the model.
+        output: The graph output read as the teacher's output.
+        logits_tensor: Where the logits are read (the softmax input when the graph ends in one).
+        notes: Things the CLI prints on stderr (provider fallback, duplicate onnxruntime).
+    """
+
+    format: TeacherFormat = "onnx"
+
+    def __init__(
+        self,
+        path: Path,
+        session: Any,
+        info: LogitsTensor,
+        spec: InputSpec,
+        provider: str,
+        device: str,
+        notes: list[str],
+    ) -> None:
+        import numpy as np
+
+        self.path = path
+        self.input_spec = spec
+        self.provider = provider
+        self.device = device
+        self.notes = notes
+        self.output = info.output
+        self.logits_tensor = info.tensor
+        self.info = info
+        self.precision = FLOAT_TYPES[info.elem_type]
+        self._session = session
+        self._input_dtype = np.dtype(spec.dtype)
+        last = info.shape[-1] if info.shape else None
+        self.num_classes = int(last) if last else int(self.logits(self._probe(1)).shape[1])
+
+    def _run(self, name: str, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        x = batch.detach().cpu().numpy().astype(self._input_dtype, copy=False)
+        try:
+            (value,) = self._session.run([name], {self.input_spec.name: x})
+        except ort_errors() as exc:
+            raise TeacherError(
+                f"{self.path}: onnxruntime failed on a batch of shape "
+                f"{tuple(x.shape)}: {' '.join(str(exc).split())[:240]}"
+            ) from exc
+            raise
+        return torch.from_numpy(value)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Return float logits ``[n, num_classes]`` on the CPU (the softmax input, if any)."""
+        values = as_logits(self._run(self.logits_tensor, batch), file=self.path)
+        if self.info.softmax is None and looks_like_probabilities(values):
+            raise refuse_probabilities(self.path)
+        return values
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor | None:
+        if self.info.softmax is None:
+            return None
+        return self._run(self.output, batch).float()
+
+    def _probe(self, batch_size: int) -> torch.Tensor:
+        import torch
+
+        if not self.input_spec.shape:
+            raise TeacherError(
+                f"{self.path}: the model does not record its input shape, so no "
+                "probe batch can be made; pass probe= to bake_temperature"
+            )
+        shape = [
+            batch_size if i == 0 else (d or _DYNAMIC_SIZE)
+            for i, d in enumerate(self.input_spec.shape)
+        ]
+        float_like = self.input_spec.dtype in FLOAT_TYPES.values()
+        return expand_sample(
+            torch.zeros(shape, dtype=torch.float32 if float_like else torch.int64), batch_size
+        )
+
+
+def read_model(path: Path) -> onnx.ModelProto:
+    """Parse the model without its external weights; one-line errors for anything else."""
+    import onnx
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped, unused-ignore]
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise InputError(f"{path}: not a valid ONNX model ({exc}); {SUPPORTED}") from exc
+    if not model.graph.node or not model.graph.output:
+        raise InputError(f"{path}: not a valid ONNX model (the graph is empty); {SUPPORTED}")
+    return model
+
+
+def _providers(device: str, path: Path) -> list[Any]:
+    import onnxruntime as ort
+
+    if not _DEVICE.match(device):
+        raise InvalidValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [_CPU]
+    if device == "auto":
+        import torch
+
+        use_cuda = _CUDA in available and torch.cuda.is_available()
+        return [(_CUDA, {"device_id": 0}), _CPU] if use_cuda else [_CPU]
+    if _CUDA not in available:
+        raise TeacherError(
+            f"{path}: --device {device} asked for CUDA but this onnxruntime has no "
+            "CUDAExecutionProvider; pip install onnxruntime-gpu (and uninstall "
+            "onnxruntime)"
+        )
+    index = int(device.partition(":")[2] or 0)
+    return [(_CUDA, {"device_id": index}), _CPU]
+
+
+def load(
+    path: Path,
+    *,
+    device: str,
+    output: str | None,
+    arch: str | None,
+    arch_kwargs: Mapping[str, object] | str | None,
+) -> OnnxTeacher:
+    """Open an onnxruntime session for the model at ``path``; see the module docstring."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = read_model(path)
+    inputs = real_inputs(model)
+    if len(inputs) != 1:
+        names = ", ".join(v.name for v in inputs)
+        raise TeacherError(
+            f"{path}: the model takes {len(inputs)} inputs ({names}); teachers "
+            "with exactly one input are supported"
+        )
+    elem = inputs[0].type.tensor_type.elem_type
+    spec = InputSpec(
+        name=inputs[0].name,
+        shape=value_shape(inputs[0]) or (),
+        dtype=str(helper.tensor_dtype_to_np_dtype(elem)),
+    )
+    info = choose_output(model, output, file=path)
+    notes = distribution_notes()
+    if arch:
+        notes.append(f"--arch ignored: {path.name} is ONNX and carries its own graph")
+    providers = _providers(device, path)
+    ort.set_default_logger_severity(4)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source: str | bytes = str(path)
+    if info.tensor not in {o.name for o in model.graph.output}:
+        # Expose the pre-softmax tensor as an extra output; the weights stay where they are.
+        model.graph.output.append(helper.make_tensor_value_info(info.tensor, info.elem_type, None))
+        source = model.SerializeToString()
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(path.parent.resolve())
+        )
+    try:
+        session = ort.InferenceSession(source, options, providers=providers)
+    except ort_errors() as exc:
+        raise TeacherError(
+            f"{path}: onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+    running = session.get_providers()[0]
+    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    where = "cpu"
+    if running == _CUDA:
+        where = f"cuda:{providers[0][1]['device_id']}"
+    elif wanted == _CUDA and device != "auto":
+        raise TeacherError(
+            f"{path}: --device {device} asked for CUDA but onnxruntime could not "
+            "start CUDAExecutionProvider (CUDA/cuDNN libraries missing or "
+            "mismatched); fix the CUDA install or use --device cpu"
+        )
+    elif wanted == _CUDA:
+        notes.append(
+            "onnxruntime could not start CUDAExecutionProvider (CUDA/cuDNN libraries "
+            "missing or mismatched); running the teacher on CPU"
+        )
+    return OnnxTeacher(path, session, info, spec, running, where, notes)
+
+
+def bake(teacher: OnnxTeacher, temperature: float, staged: Path, *, head: str | None) -> BakedFiles:
+    """Write the model with ``Div`` by T on its logits to ``staged`` (+ merged external data)."""
+    import onnx
+
+    model = read_model(teacher.path)
+    insert_division(model, teacher.logits_tensor, temperature, teacher.info.elem_type)
+    extra: tuple[Path, ...] = ()
+    if external_files(model, teacher.path.parent):
+        data = staged.with_name(staged.name + ".data")
+        merge_external_data(model, teacher.path.parent, data)
+        extra = (data,)
+    onnx.save(model, str(staged))
+    return BakedFiles(staged, extra, head=teacher.logits_tensor)

@@ -1,0 +1,145 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from calibrate_teacher import LogitSet, load_logits
+from calibrate_teacher.cli import main
+
+
+def run(capsys, *args):
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def logit_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (400,), generator=g)
+    logits = 3 * torch.randn(400, 5, generator=g) + 4 * torch.nn.functional.one_hot(labels, 5)
+    path = tmp_path / "val.safetensors"
+    LogitSet(logits, labels).save(path)
+    return path
+
+
+def test_evaluate_json_is_one_document(capsys, logit_file):
+    code, out, err = run(capsys, "evaluate", "--logits", str(logit_file), "--json", "--bootstrap", "20")
+    assert code == 0, err
+    doc = json.loads(out)
+    ls = load_logits(logit_file)
+    from calibrate_teacher.metrics import calibration_metrics
+
+    expected = calibration_metrics(ls.logits, ls.labels, bootstrap=20)
+    assert doc["metrics"]["ece"] == expected.ece
+    assert doc["metrics"]["confidence_intervals"]["ece"] == list(expected.confidence_intervals["ece"])
+    assert doc["kind"] == "evaluation" and "ace" in doc["definitions"]
+
+
+def test_fit_json_top_level_and_report_file(capsys, logit_file, tmp_path):
+    report = tmp_path / "fit.json"
+    code, out, err = run(capsys, "fit", "--logits", str(logit_file), "--objective", "nll", "--json",
+                         "--report", str(report), "--bootstrap", "0")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {"temperature", "objective", "before", "after", "sweep", "definitions"} <= set(doc)
+    keys = {"accuracy", "nll", "brier", "ece", "ece_over", "ece_under", "mce", "adaece", "ace", "tace",
+            "classwise_ece"}
+    assert keys <= set(doc["before"]) and keys <= set(doc["after"])
+    assert doc["objective"] == "nll" and doc["after"]["nll"] <= doc["before"]["nll"]
+    assert json.loads(report.read_text()) == doc
+
+
+def test_fit_human_output_and_fixed_temperature(capsys, logit_file):
+    code, out, err = run(capsys, "fit", "--logits", str(logit_file), "--temperature", "1.5", "--bootstrap", "0")
+    assert code == 0, err
+    assert "T = 1.5000" in out and "robust range" in out and "Before and after" in out
+
+
+def test_existing_report_is_not_overwritten(capsys, logit_file, tmp_path):
+    report = tmp_path / "r.json"
+    report.write_text("keep me")
+    code, _, err = run(capsys, "evaluate", "--logits", str(logit_file), "--report", str(report))
+    assert code == 1 and report.read_text() == "keep me"
+    assert err.strip().count("\n") == 0 and "already exists" in err and "--overwrite" in err
+    code, _, err = run(capsys, "evaluate", "--logits", str(logit_file), "--report", str(report), "--overwrite")
+    assert code == 0 and json.loads(report.read_text())["kind"] == "evaluation"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"garbage", "cannot be read"), (None, "no such file")],
+)
+def test_bad_logit_file_is_one_line_exit_1(capsys, tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = run(capsys, "fit", "--logits", str(path))
+    assert code == 1 and out == ""
+    assert message in err and str(path) in err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+
+
+def test_usage_errors_exit_2(capsys, logit_file):
+    assert run(capsys, "fit", "--logits", str(logit_file), "--objective", "brier")[0] == 2
+    assert run(capsys, "fit", "--logits", str(logit_file), "--n-bins", "0")[0] == 2
+    assert run(capsys, "evaluate", "--no-such-flag")[0] == 2
+    assert run(capsys, "fit", "--logits", str(logit_file), "--out", "x.onnx")[0] == 2
+
+
+def test_neither_or_both_sources_is_an_error(capsys, logit_file, tmp_path):
+    code, _, err = run(capsys, "fit")
+    assert code == 1 and "exactly one of --logits" in err
+    code, _, err = run(capsys, "evaluate", "--logits", str(logit_file), "--data", str(tmp_path))
+    assert code == 1 and "exactly one of --logits" in err
+
+
+def test_fit_passes_options_to_the_library(capsys, logit_file, monkeypatch):
+    import calibrate_teacher.pipeline as pipeline
+
+    seen = {}
+    original = pipeline.calibrate
+
+    def spy(teacher, **kwargs):
+        seen.update(kwargs, teacher=teacher)
+        return original(teacher, **kwargs)
+
+    monkeypatch.setattr(pipeline, "calibrate", spy)
+    code, _, err = run(capsys, "fit", "--logits", str(logit_file), "--objective", "adaece", "--bounds", "0.5", "4",
+                       "--n-bins", "10", "--grid", "8", "--bootstrap", "5", "--seed", "7", "--json")
+    assert code == 0, err
+    assert seen["teacher"] is None and seen["objective"] == "adaece" and seen["bounds"] == (0.5, 4.0)
+    assert (seen["n_bins"], seen["grid"], seen["bootstrap"], seen["seed"]) == (10, 8, 5, 7)
+    assert seen["bake"] is False
+
+
+def _subprocess(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "calibrate_teacher", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_debug_env_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"zz")
+    quiet = _subprocess("evaluate", "--logits", str(bad))
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    loud = _subprocess("evaluate", "--logits", str(bad), env={"CALIBRATE_TEACHER_DEBUG": "1"})
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_help_imports_no_heavy_package():
+    code = (
+        "import sys; from calibrate_teacher.cli import app; import calibrate_teacher;"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'safetensors', 'matplotlib', 'PIL')"
+        " if m in sys.modules]; print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
+    assert _subprocess("--help").returncode == 0
