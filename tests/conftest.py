@@ -1,5 +1,19 @@
 import sys
 from pathlib import Path
 
-# Let tests import the independent reference implementations beside them.
+import pytest
+
+# Let tests import the independent reference implementations and fixtures beside them.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip themselves where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
