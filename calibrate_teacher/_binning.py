@@ -95,9 +95,11 @@ def equal_mass_sorted(
     upto = torch.searchsorted(sorted_values, edge.contiguous(), right=True)
     upto = torch.where(valid, upto, torch.full_like(upto, n))
     bounds = torch.cat([first[:, None], upto, torch.full_like(first[:, None], n)], dim=1)
-    zero = torch.zeros((k, 1), dtype=torch.float64, device=sorted_values.device)
-    cum_v = torch.cat([zero, sorted_values.cumsum(dim=1)], dim=1)
-    cum_h = torch.cat([zero, sorted_hits.cumsum(dim=1)], dim=1)
+    # Prefix sums with a leading zero column, written in place (no concatenated copies).
+    cum_v = torch.zeros((k, n + 1), dtype=torch.float64, device=sorted_values.device)
+    cum_h = torch.zeros_like(cum_v)
+    torch.cumsum(sorted_values, dim=1, out=cum_v[:, 1:])
+    torch.cumsum(sorted_hits, dim=1, out=cum_h[:, 1:])
     lo, hi = bounds[:, :-1], bounds[:, 1:]
     count = (hi - lo).to(torch.float64)
     value_sum = cum_v.gather(1, hi) - cum_v.gather(1, lo)

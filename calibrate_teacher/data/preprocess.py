@@ -1,0 +1,367 @@
+"""Image preprocessing described with timm's ``pretrained_cfg`` keys, and where it comes from.
+
+A teacher must see its validation images exactly as it saw them in training, so the recipe is a
+small, explicit config (the keys timm publishes with every pretrained model):
+
+``input_size``
+    ``(C, H, W)``. ``C = 1`` converts images to grayscale (Pillow mode ``L``), ``C = 3`` to RGB
+    (alpha is dropped, as timm's and torchvision's loaders do).
+``interpolation``
+    Pillow's resampling filter: ``nearest``, ``bilinear``, ``bicubic``, ``box``, ``hamming``,
+    ``lanczos``.
+``crop_pct``
+    The resize target is ``floor(size / crop_pct)`` per side, then the centre ``H x W`` is cut.
+``crop_mode``
+    ``center`` (keep the aspect ratio: the shorter side goes to the resize target) or ``squash``
+    (both sides go to their resize targets, the aspect ratio is not kept).
+``mean``, ``std``
+    Per-channel; pixels are scaled to ``[0, 1]`` and then mapped to ``(x - mean) / std``.
+
+:mod:`calibrate_teacher.data.transform` applies it to images (timm's evaluation transform,
+with Pillow and torch only).
+
+The config comes from, in order (the first found wins, then flags override single keys): an
+explicit file or :class:`PreprocessConfig`; a sidecar next to the model
+(``<model stem>.preprocess.json``, ``preprocess.json``, or a timm/Hugging Face ``config.json``
+holding ``pretrained_cfg``); and the teacher's input shape, which fills ``input_size`` where the
+file leaves it out. :func:`resolve_preprocess` returns the config and a line saying where it
+came from, so every report can state the preprocessing it used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from calibrate_teacher.errors import InputError, InvalidValueError
+
+if TYPE_CHECKING:
+    from calibrate_teacher.teachers.base import InputSpec
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "INTERPOLATIONS",
+    "PreprocessConfig",
+    "resolve_preprocess",
+]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash")
+FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+# Other keys a timm pretrained_cfg (or a hub config.json) carries; read past, never an error.
+# fmt: off
+_TIMM_KEYS = frozenset({
+    "url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
+    "custom_load", "test_input_size", "min_input_size", "fixed_input_size", "test_crop_pct",
+    "num_classes", "label_offset", "label_names", "label_descriptions", "pool_size",
+    "test_pool_size", "first_conv", "classifier", "license", "description", "origin_url",
+    "paper_name", "paper_ids", "notes", "num_features", "global_pool", "model_args",
+    "pretrained_cfg", "input_shape",
+})
+# fmt: on
+
+
+def _default_stats(channels: int, rgb: tuple[float, float, float]) -> tuple[float, ...]:
+    # timm's ImageNet statistics for RGB; for any other channel count, their channel average
+    # (a grayscale model adapted from an RGB one sees roughly that distribution).
+    if channels == 3:
+        return rgb
+    return (round(sum(rgb) / 3, 6),) * channels
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images become teacher inputs (timm ``pretrained_cfg`` keys).
+
+    ``mean`` and ``std`` may be given with one value (used for every channel) or one per
+    channel; left empty they take timm's ImageNet defaults (their channel average when
+    ``C != 3``). After construction they always hold ``C`` values.
+
+    Attributes:
+        input_size: ``(C, H, W)``; ``C`` is 1 (grayscale) or 3 (RGB).
+        interpolation: Pillow resampling filter name (see :data:`INTERPOLATIONS`).
+        crop_pct: Fraction of the resized image kept by the centre crop, in ``(0, 1]``
+            (values above 1 pad with zeros, as torchvision does).
+        crop_mode: ``center`` (keep the aspect ratio) or ``squash``.
+        mean: Per-channel mean subtracted from pixels in ``[0, 1]``.
+        std: Per-channel standard deviation the result is divided by.
+
+    Example:
+        >>> PreprocessConfig(input_size=(1, 16, 16), mean=(0.5,), std=(0.25,)).to_dict()["mean"]
+        [0.5]
+    """
+
+    input_size: tuple[int, int, int]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        size = tuple(self.input_size)
+        if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise InvalidValueError(
+                f"input_size: expected three positive integers (C, H, W), got {self.input_size!r}"
+            )
+        channels = size[0]
+        if channels not in (1, 3):
+            raise InvalidValueError(
+                f"input_size: images give 1 (grayscale) or 3 (RGB) channels, got C = {channels}"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise InvalidValueError(
+                f"interpolation: expected one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        if self.crop_mode not in CROP_MODES:
+            raise InvalidValueError(
+                f"crop_mode: expected one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}"
+            )
+        if not (math.isfinite(self.crop_pct) and 0 < self.crop_pct <= 2):
+            raise InvalidValueError(f"crop_pct: expected a number in (0, 2], got {self.crop_pct!r}")
+        object.__setattr__(self, "input_size", size)
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        for name, default in (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)):
+            values = tuple(float(v) for v in getattr(self, name))
+            if not values:
+                values = _default_stats(channels, default)
+            elif len(values) == 1:
+                values = values * channels
+            elif len(values) != channels:
+                raise InvalidValueError(
+                    f"{name}: has {len(values)} values but input_size {size} has {channels} "
+                    f"channel(s); give 1 or {channels} values"
+                )
+            if not all(math.isfinite(v) for v in values) or (
+                name == "std" and not all(v > 0 for v in values)
+            ):
+                raise InvalidValueError(f"{name}: values must be finite (std > 0), got {values}")
+            object.__setattr__(self, name, values)
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the config as a JSON-ready dict with timm's key names.
+
+        Returns:
+            ``{"input_size": [C, H, W], "interpolation": ..., "crop_pct": ...,
+            "crop_mode": ..., "mean": [...], "std": [...]}``.
+        """
+        return {
+            "input_size": list(self.input_size),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object], *, source: str) -> PreprocessConfig:
+        """Build a config from timm ``pretrained_cfg``-style keys.
+
+        A dict holding a ``pretrained_cfg`` entry (a timm / Hugging Face ``config.json``) is
+        read through it. Other known timm keys (``url``, ``num_classes``...) are ignored;
+        unknown keys are refused, so a typo never passes silently.
+
+        Args:
+            d: The keys; ``input_size`` is required, the rest default.
+            source: Where ``d`` came from, named in error messages.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            InputError: a key is unknown, ``input_size`` is missing, or a value is invalid.
+        """
+        values = _read_keys(d, source=source)
+        if "input_size" not in values:
+            raise InputError(
+                f'{source}: no input_size; add "input_size": [C, H, W] (e.g. [3, 224, 224])'
+            )
+        return _build(values, source=source)
+
+
+def _read_keys(d: Mapping[str, object], *, source: str) -> dict[str, object]:
+    if not isinstance(d, Mapping):
+        raise InputError(
+            f"{source}: expected a JSON object of preprocessing keys, got {type(d).__name__}"
+        )
+    inner = d.get("pretrained_cfg")
+    if isinstance(inner, Mapping):
+        d = inner
+    out: dict[str, object] = {}
+    for key, value in d.items():
+        if key in FIELDS:
+            if value is not None:
+                out[key] = value
+        elif key not in _TIMM_KEYS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(
+                f"{source}: unknown preprocessing key {key!r}; {hint}"
+                f"known keys: {', '.join(FIELDS)}"
+            )
+    return out
+
+
+def _build(values: Mapping[str, object], *, source: str) -> PreprocessConfig:
+    kwargs: dict[str, Any] = {}
+    try:
+        for key, value in values.items():
+            if key == "input_size":
+                kwargs[key] = tuple(_as_int(v) for v in _as_list(value, key))
+            elif key in ("mean", "std"):
+                kwargs[key] = tuple(float(_as_number(v, key)) for v in _as_list(value, key))
+            elif key == "crop_pct":
+                kwargs[key] = float(_as_number(value, key))
+            else:
+                if not isinstance(value, str):
+                    raise InvalidValueError(f"{key}: expected a string, got {value!r}")
+                kwargs[key] = value.lower()
+        return PreprocessConfig(**kwargs)
+    except InvalidValueError as exc:
+        raise InputError(f"{source}: {exc}") from exc
+
+
+def _as_list(value: object, key: str) -> list[object]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise InvalidValueError(f"{key}: expected a number or a list of numbers, got {value!r}")
+
+
+def _as_number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidValueError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise InvalidValueError(f"input_size: expected integers, got {value!r}")
+    return int(value)
+
+
+def resolve_preprocess(
+    *,
+    preprocess: str | os.PathLike[str] | PreprocessConfig | None = None,
+    overrides: Mapping[str, object] | None = None,
+    model_path: str | os.PathLike[str] | None = None,
+    input_spec: InputSpec | None = None,
+) -> tuple[PreprocessConfig, str]:
+    """Find the preprocessing for a teacher and say where it came from.
+
+    Layers, lowest first: the teacher's input shape (``input_size`` only, where all of
+    C, H, W are fixed); the first config found among ``preprocess`` (a JSON file or a
+    config), ``<model stem>.preprocess.json``, ``preprocess.json`` and a ``config.json``
+    with ``pretrained_cfg`` beside ``model_path``; then ``overrides`` (the CLI flags), key by
+    key. Keys no layer sets take the :class:`PreprocessConfig` defaults.
+
+    Args:
+        preprocess: An explicit JSON file or config; when given, no sidecar is looked for.
+        overrides: Single keys that win over everything (e.g. ``{"crop_pct": 1.0}``).
+        model_path: The teacher file, to look for a sidecar beside it.
+        input_spec: The teacher's input spec, to fill ``input_size``.
+
+    Returns:
+        ``(config, origin)``; ``origin`` is one line such as
+        ``"teacher.preprocess.json beside the model"``.
+
+    Raises:
+        InputError: a file is missing or invalid, or nothing gives an ``input_size``.
+    """
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}  # key -> the layer that set it
+    model_name = Path(model_path).name if model_path is not None else "the teacher"
+    spec_size = _spec_input_size(input_spec)
+    if spec_size is not None:
+        values["input_size"] = spec_size
+        origin["input_size"] = f"input shape of {model_name}"
+    if isinstance(preprocess, PreprocessConfig):
+        layer, label = preprocess.to_dict(), "the given config"
+    else:
+        file = Path(preprocess) if preprocess is not None else _find_sidecar(model_path)
+        layer = _read_file(file) if file is not None else {}
+        label = f"{file} beside the model" if preprocess is None else str(file)
+    values.update(layer)
+    origin.update(dict.fromkeys(layer, label))
+    if overrides:
+        unknown = [k for k in overrides if k not in FIELDS]
+        if unknown:
+            raise InputError(
+                f"preprocessing override {unknown[0]!r}: unknown key; "
+                f"known keys: {', '.join(FIELDS)}"
+            )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        origin.update(dict.fromkeys(given, "overrides"))
+    if "input_size" not in values:
+        raise InputError(
+            f"cannot tell the input size for {model_name}: the model does not fix it and no "
+            "preprocessing file gives it; pass a preprocess JSON file (--preprocess), an input "
+            "size (--input-size C,H,W), or write <model stem>.preprocess.json beside the model"
+        )
+    config = _build(values, source=" + ".join(dict.fromkeys(origin.values())))
+    return config, _describe_origin(origin)
+
+
+def _describe_origin(origin: Mapping[str, str]) -> str:
+    # Layers in the order they were applied, defaults last; keys in timm's order within each.
+    groups: dict[str, list[str]] = {label: [] for label in origin.values()}
+    groups["defaults"] = []
+    for key in FIELDS:
+        groups[origin.get(key, "defaults")].append(key)
+    groups = {label: keys for label, keys in groups.items() if keys}
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{label}: {', '.join(keys)}" for label, keys in groups.items())
+
+
+def _spec_input_size(spec: InputSpec | None) -> list[int] | None:
+    if spec is None or len(spec.shape) != 4:
+        return None
+    dims = spec.shape[1:]
+    if any(d is None for d in dims) or dims[0] not in (1, 3):
+        return None
+    return [int(d) for d in dims if d is not None]
+
+
+def _find_sidecar(model_path: str | os.PathLike[str] | None) -> Path | None:
+    if model_path is None:
+        return None
+    model = Path(model_path)
+    for candidate in (
+        model.with_name(model.stem + ".preprocess.json"),
+        model.with_name("preprocess.json"),
+    ):
+        if candidate.is_file():
+            return candidate
+    hub = model.with_name("config.json")
+    if hub.is_file():
+        try:
+            data = json.loads(hub.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # someone else's config.json; not ours to judge
+        if isinstance(data, dict) and isinstance(data.get("pretrained_cfg"), dict):
+            return hub
+    return None
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such preprocessing file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
+    return _read_keys(data, source=str(path))
