@@ -49,6 +49,19 @@ _LAZY: dict[str, str] = {
     "BakeResult": "calibrate_teacher.baking",
     "bake_temperature": "calibrate_teacher.baking",
     "default_baked_path": "calibrate_teacher.baking",
+    "CacheManifest": "calibrate_teacher.soft_labels",
+    "Calibration": "calibrate_teacher.soft_labels",
+    "SoftLabelCache": "calibrate_teacher.soft_labels",
+    "SoftLabelDataset": "calibrate_teacher.soft_labels",
+    "export_soft_labels": "calibrate_teacher.soft_labels",
+    "kd_loss": "calibrate_teacher.soft_labels",
+    "verify_cache": "calibrate_teacher.soft_labels",
+    "write_soft_labels": "calibrate_teacher.soft_labels",
+    "open_data": "calibrate_teacher.data",
+    "PreprocessConfig": "calibrate_teacher.data.preprocess",
+    "LogitBatch": "calibrate_teacher.collect",
+    "collect_logits": "calibrate_teacher.collect",
+    "iter_logits": "calibrate_teacher.collect",
     "CalibrationRun": "calibrate_teacher.pipeline",
     "Evaluation": "calibrate_teacher.pipeline",
     "LogitSource": "calibrate_teacher.pipeline",
@@ -63,17 +76,23 @@ __all__ = [
     "BakeResult",
     "BinStats",
     "CacheError",
+    "CacheManifest",
     "CalibrateTeacherError",
+    "Calibration",
     "CalibrationMetrics",
     "CalibrationRun",
     "Evaluation",
     "InputError",
     "InputSpec",
     "InvalidValueError",
+    "LogitBatch",
     "LogitSet",
     "LogitSource",
     "MissingDependencyError",
     "OutputExistsError",
+    "PreprocessConfig",
+    "SoftLabelCache",
+    "SoftLabelDataset",
     "SweepPoint",
     "Teacher",
     "TeacherError",
@@ -85,18 +104,28 @@ __all__ = [
     "calibration_metrics",
     "calibration_metrics_from_probs",
     "classwise_calibration_error",
+    "collect_logits",
     "default_baked_path",
     "evaluate",
     "expected_calibration_error",
+    "export_soft_labels",
     "fit_temperature",
+    "iter_logits",
+    "kd_loss",
     "load_logits",
     "load_teacher",
     "obtain_logits",
+    "open_data",
     "sweep",
+    "verify_cache",
+    "write_soft_labels",
 ]
 
 if TYPE_CHECKING:
     from calibrate_teacher.baking import BakeResult, bake_temperature, default_baked_path
+    from calibrate_teacher.collect import LogitBatch, collect_logits, iter_logits
+    from calibrate_teacher.data import open_data
+    from calibrate_teacher.data.preprocess import PreprocessConfig
     from calibrate_teacher.logits import LogitSet, load_logits
     from calibrate_teacher.metrics import (
         DEFINITIONS,
@@ -115,6 +144,16 @@ if TYPE_CHECKING:
         calibrate,
         evaluate,
         obtain_logits,
+    )
+    from calibrate_teacher.soft_labels import (
+        CacheManifest,
+        Calibration,
+        SoftLabelCache,
+        SoftLabelDataset,
+        export_soft_labels,
+        kd_loss,
+        verify_cache,
+        write_soft_labels,
     )
     from calibrate_teacher.teachers import load_teacher
     from calibrate_teacher.teachers.base import InputSpec, Teacher

@@ -50,18 +50,28 @@ def atomic_output(
         yield tmp
         if not directory:
             fsync_file(tmp)
-        if out.exists() and overwrite:
-            if out.is_dir() and not out.is_symlink():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        os.replace(tmp, out)
+            os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs get the usual umask
+        if out.is_dir() and not out.is_symlink():
+            # A folder cannot be replaced atomically: move the old one aside first, so that a
+            # crash leaves either the old or the new one under a findable name, never neither.
+            aside = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, aside)
+            os.replace(tmp, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # atomic, also over an existing file
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

@@ -143,3 +143,11 @@ def test_help_imports_no_heavy_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
     assert _subprocess("--help").returncode == 0
+
+
+def test_public_api_resolves_every_name():
+    import calibrate_teacher
+
+    for name in calibrate_teacher.__all__:
+        assert getattr(calibrate_teacher, name) is not None, name
+    assert set(calibrate_teacher._LAZY) <= set(calibrate_teacher.__all__)

@@ -115,3 +115,19 @@ def test_save_refuses_to_overwrite_and_is_atomic(tmp_path):
     LogitSet(logits, labels).save(path, overwrite=True)
     assert torch.equal(load_logits(path).logits, logits)
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]  # no temp file left behind
+
+
+def test_overwrite_replaces_in_one_step_with_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    logits, labels = _pair()
+    path = tmp_path / "v.safetensors"
+    LogitSet(logits, labels).save(path)
+    first = path.stat().st_ino
+    LogitSet(logits * 2, labels).save(path, overwrite=True)
+    assert path.stat().st_ino != first  # a new file renamed over the old one, never a gap
+    assert torch.equal(load_logits(path).logits, logits * 2)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from calibrate_teacher.cli import bake, evaluate, fit
+from calibrate_teacher.cli import bake, evaluate, export_soft_labels, fit, inspect_cache
 from calibrate_teacher.cli._console import err
 from calibrate_teacher.cli._errors import debug_enabled, format_known_exception
 
@@ -33,6 +33,8 @@ app = typer.Typer(
 app.command("evaluate")(evaluate.evaluate)
 app.command("fit")(fit.fit)
 app.command("bake")(bake.bake)
+app.command("export-soft-labels")(export_soft_labels.export_soft_labels)
+app.command("inspect")(inspect_cache.inspect_cache)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,53 @@
+"""The soft-label cache: the calibrated teacher's outputs, computed once, read by any KD trainer.
+
+Write one with :func:`export_soft_labels` (teacher + data) or :func:`write_soft_labels` (any
+stream of logit batches); read it with :class:`SoftLabelCache`, feed it to a training loop with
+:class:`SoftLabelDataset` and :func:`kd_loss`; check it with :func:`verify_cache`. The format is
+specified in ``docs/cache-format.md``; its version is :data:`FORMAT_VERSION`.
+"""
+
+from __future__ import annotations
+
+from calibrate_teacher.soft_labels._format import (
+    FORMAT_VERSION,
+    CacheLayout,
+    CacheManifest,
+    Calibration,
+    ShardInfo,
+    read_manifest,
+)
+from calibrate_teacher.soft_labels.export import export_soft_labels
+from calibrate_teacher.soft_labels.kd import SoftLabelDataset, kd_loss
+from calibrate_teacher.soft_labels.reader import SoftLabelCache, SoftLabelView
+from calibrate_teacher.soft_labels.verify import (
+    CacheDescription,
+    CacheVerification,
+    describe_cache,
+    verify_cache,
+)
+from calibrate_teacher.soft_labels.writer import (
+    DEFAULT_SHARD_ROWS,
+    choose_layout,
+    write_soft_labels,
+)
+
+__all__ = [
+    "DEFAULT_SHARD_ROWS",
+    "FORMAT_VERSION",
+    "CacheDescription",
+    "CacheLayout",
+    "CacheManifest",
+    "CacheVerification",
+    "Calibration",
+    "ShardInfo",
+    "SoftLabelCache",
+    "SoftLabelDataset",
+    "SoftLabelView",
+    "choose_layout",
+    "describe_cache",
+    "export_soft_labels",
+    "kd_loss",
+    "read_manifest",
+    "verify_cache",
+    "write_soft_labels",
+]

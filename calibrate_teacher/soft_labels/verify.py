@@ -1,0 +1,179 @@
+"""Checking and describing a cache: what ``calibrate-teacher inspect [--verify]`` reports."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibrate_teacher._io import sha256_file
+from calibrate_teacher.errors import CacheError
+from calibrate_teacher.soft_labels._format import (
+    KEYS_NAME,
+    MANIFEST_NAME,
+    CacheManifest,
+    read_manifest,
+    receipt_name,
+    shard_name,
+)
+from calibrate_teacher.soft_labels.reader import _Shard
+
+__all__ = ["CacheDescription", "CacheVerification", "describe_cache", "verify_cache"]
+
+
+@dataclass(frozen=True)
+class CacheVerification:
+    """The outcome of checking every file of a cache against its manifest.
+
+    Attributes:
+        ok: True when nothing is wrong.
+        shards_checked: How many shards were read in full.
+        problems: One line per problem, each naming the file.
+    """
+
+    ok: bool
+    shards_checked: int
+    problems: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """Return the verification as a JSON-ready dict."""
+        return {
+            "ok": self.ok,
+            "shards_checked": self.shards_checked,
+            "problems": list(self.problems),
+        }
+
+
+@dataclass(frozen=True)
+class CacheDescription:
+    """What a cache holds, for ``inspect``.
+
+    Attributes:
+        path: The cache folder.
+        manifest: Its manifest (complete or not).
+        shards_done: Finished shards (all of them once complete).
+        bytes_on_disk: Size of the manifest, shards and keys.
+        verification: The full check, when asked for.
+    """
+
+    path: Path
+    manifest: CacheManifest
+    shards_done: int
+    bytes_on_disk: int
+    verification: CacheVerification | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return the description as a JSON-ready dict (the manifest in full)."""
+        return {
+            "path": str(self.path),
+            "shards_done": self.shards_done,
+            "num_shards": self.manifest.num_shards,
+            "bytes_on_disk": self.bytes_on_disk,
+            "manifest": self.manifest.to_json(),
+            "verification": self.verification.to_json() if self.verification else None,
+        }
+
+
+def describe_cache(cache: str | os.PathLike[str], *, verify: bool = False) -> CacheDescription:
+    """Summarise a cache folder, finished or not, and optionally verify every file.
+
+    Raises:
+        InputError: ``cache`` is not a cache folder.
+        CacheError: its manifest is unreadable.
+    """
+    path = Path(cache)
+    manifest = read_manifest(path)
+    if manifest.complete:
+        done = manifest.num_shards
+    else:
+        done = sum(
+            (path / receipt_name(s)).is_file() and (path / shard_name(s)).is_file()
+            for s in range(manifest.num_shards)
+        )
+    names = [MANIFEST_NAME, KEYS_NAME, *(shard_name(s) for s in range(manifest.num_shards))]
+    size = sum((path / n).stat().st_size for n in names if (path / n).is_file())
+    return CacheDescription(
+        path=path,
+        manifest=manifest,
+        shards_done=done,
+        bytes_on_disk=size,
+        verification=verify_cache(path) if verify else None,
+    )
+
+
+def verify_cache(cache: str | os.PathLike[str]) -> CacheVerification:
+    """Check every shard's checksum, header, shapes and row numbers, and ``keys.txt``.
+
+    Problems are returned, not raised, so that all of them are listed at once.
+
+    Raises:
+        InputError: ``cache`` is not a cache folder.
+        CacheError: its manifest is unreadable.
+    """
+    import numpy as np
+
+    path = Path(cache)
+    manifest = read_manifest(path)
+    if not manifest.complete:
+        return CacheVerification(
+            ok=False,
+            shards_checked=0,
+            problems=(f"{MANIFEST_NAME}: the cache is incomplete; rerun the export to finish it",),
+        )
+    problems: list[str] = []
+    rows = manifest.layout.shard_rows
+    expected_rows = [
+        (s * rows, min(rows, manifest.num_samples - s * rows)) for s in range(manifest.num_shards)
+    ]
+    if [(s.first_row, s.rows) for s in manifest.shards] != expected_rows:
+        problems.append(
+            f"{MANIFEST_NAME}: its shards do not cover rows 0..{manifest.num_samples - 1} in order"
+        )
+    for number, info in enumerate(manifest.shards):
+        file = path / info.file
+        if info.file != shard_name(number):
+            problems.append(f"{info.file}: listed as shard {number}, expected {shard_name(number)}")
+            continue
+        if not file.is_file():
+            problems.append(f"{info.file}: missing")
+            continue
+        digest = sha256_file(file)
+        if digest != info.sha256:
+            problems.append(
+                f"{info.file}: checksum mismatch (manifest {info.sha256[:12]}..., "
+                f"file {digest[:12]}...); the shard is corrupt: re-export the cache"
+            )
+            continue
+        try:
+            shard = _Shard(file, manifest, number, info.bytes)
+        except CacheError as exc:
+            problems.append(str(exc))
+            continue
+        last = info.first_row + info.rows - 1
+        expected = np.arange(info.first_row, last + 1, dtype=np.int64)
+        if not np.array_equal(shard.sample_index, expected):
+            problems.append(f"{info.file}: sample_index is not rows {info.first_row}..{last}")
+        labels = shard.label
+        if labels.size and (labels.min() < -1 or labels.max() >= manifest.num_classes):
+            problems.append(f"{info.file}: labels outside [-1, {manifest.num_classes - 1}]")
+        if (
+            shard.index is not None
+            and shard.index.size
+            and (shard.index.min() < 0 or shard.index.max() >= manifest.num_classes)
+        ):
+            problems.append(f"{info.file}: topk_index outside [0, {manifest.num_classes - 1}]")
+        if not np.isfinite(shard.lse).all():
+            problems.append(f"{info.file}: lse holds NaN or Inf")
+    keys = path / KEYS_NAME
+    if not keys.is_file():
+        problems.append(f"{KEYS_NAME}: missing")
+    else:
+        if sha256_file(keys) != manifest.data.get("order_sha256"):
+            problems.append(f"{KEYS_NAME}: checksum differs from the manifest's data.order_sha256")
+        with open(keys, "rb") as fh:
+            lines = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
+        if lines != manifest.num_samples:
+            problems.append(f"{KEYS_NAME}: {lines} keys for {manifest.num_samples} rows")
+    return CacheVerification(
+        ok=not problems, shards_checked=len(manifest.shards), problems=tuple(problems)
+    )
