@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate_teacher.cli import main
 from calibrate_teacher.errors import CacheError
 from calibrate_teacher.soft_labels import SoftLabelCache, verify_cache, write_soft_labels
 
@@ -160,17 +159,8 @@ def cache(tmp_path):
     return tmp_path / "cache"
 
 
-def run_cli(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
-
-def test_corrupt_shard_is_named_by_verify(cache, capsys):
+def test_corrupt_shard_is_named_by_verify(cache, cli):
     path = cache / "shard-00001.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # one flipped byte in the logits
@@ -178,10 +168,10 @@ def test_corrupt_shard_is_named_by_verify(cache, capsys):
     result = verify_cache(cache)
     assert not result.ok and len(result.problems) == 1
     assert result.problems[0].startswith("shard-00001.safetensors: checksum mismatch")
-    code, out, err = run_cli(capsys, "inspect", str(cache), "--verify")
+    code, out, err = cli("inspect", str(cache), "--verify")
     assert code == 1
     assert "shard-00001.safetensors" in err and "verification failed" in err
-    code, out, err = run_cli(capsys, "inspect", str(cache), "--verify", "--json")
+    code, out, err = cli("inspect", str(cache), "--verify", "--json")
     doc = json.loads(out)
     assert code == 1 and doc["verification"]["ok"] is False
     assert "shard-00001.safetensors" in doc["verification"]["problems"][0]
@@ -214,7 +204,7 @@ def test_reader_refuses_incomplete_manifest_and_newer_format(cache):
         SoftLabelCache(cache)
 
 
-def test_inspect_shows_an_unfinished_export(tmp_path, capsys):
+def test_inspect_shows_an_unfinished_export(tmp_path, cli):
     rows = Rows()
 
     def crash_in_shard_two(r):
@@ -226,9 +216,9 @@ def test_inspect_shows_an_unfinished_export(tmp_path, capsys):
     with pytest.raises(RuntimeError):
         write_soft_labels(crash_in_shard_two, tmp_path / "c", num_samples=40, num_classes=6,
                           temperature=2.0, shard_rows=16)
-    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "c"), "--json")
+    code, out, _ = cli("inspect", str(tmp_path / "c"), "--json")
     doc = json.loads(out)
     assert code == 0 and doc["shards_done"] == 2 and doc["num_shards"] == 3
     assert doc["manifest"]["complete"] is False
-    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "c"))
+    code, out, _ = cli("inspect", str(tmp_path / "c"))
     assert "INCOMPLETE: 2 of 3 shards done" in out

@@ -7,17 +7,6 @@ import pytest
 import torch
 
 from calibrate_teacher import LogitSet, load_logits
-from calibrate_teacher.cli import main
-
-
-def run(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -30,8 +19,8 @@ def logit_file(tmp_path):
     return path
 
 
-def test_evaluate_json_is_one_document(capsys, logit_file):
-    code, out, err = run(capsys, "evaluate", "--logits", str(logit_file), "--json", "--bootstrap", "20")
+def test_evaluate_json_is_one_document(cli, logit_file):
+    code, out, err = cli("evaluate", "--logits", str(logit_file), "--json", "--bootstrap", "20")
     assert code == 0, err
     doc = json.loads(out)
     ls = load_logits(logit_file)
@@ -43,9 +32,9 @@ def test_evaluate_json_is_one_document(capsys, logit_file):
     assert doc["kind"] == "evaluation" and "ace" in doc["definitions"]
 
 
-def test_fit_json_top_level_and_report_file(capsys, logit_file, tmp_path):
+def test_fit_json_top_level_and_report_file(cli, logit_file, tmp_path):
     report = tmp_path / "fit.json"
-    code, out, err = run(capsys, "fit", "--logits", str(logit_file), "--objective", "nll", "--json",
+    code, out, err = cli("fit", "--logits", str(logit_file), "--objective", "nll", "--json",
                          "--report", str(report), "--bootstrap", "0")
     assert code == 0, err
     doc = json.loads(out)
@@ -57,19 +46,19 @@ def test_fit_json_top_level_and_report_file(capsys, logit_file, tmp_path):
     assert json.loads(report.read_text()) == doc
 
 
-def test_fit_human_output_and_fixed_temperature(capsys, logit_file):
-    code, out, err = run(capsys, "fit", "--logits", str(logit_file), "--temperature", "1.5", "--bootstrap", "0")
+def test_fit_human_output_and_fixed_temperature(cli, logit_file):
+    code, out, err = cli("fit", "--logits", str(logit_file), "--temperature", "1.5", "--bootstrap", "0")
     assert code == 0, err
     assert "T = 1.5000" in out and "robust range" in out and "Before and after" in out
 
 
-def test_existing_report_is_not_overwritten(capsys, logit_file, tmp_path):
+def test_existing_report_is_not_overwritten(cli, logit_file, tmp_path):
     report = tmp_path / "r.json"
     report.write_text("keep me")
-    code, _, err = run(capsys, "evaluate", "--logits", str(logit_file), "--report", str(report))
+    code, _, err = cli("evaluate", "--logits", str(logit_file), "--report", str(report))
     assert code == 1 and report.read_text() == "keep me"
     assert err.strip().count("\n") == 0 and "already exists" in err and "--overwrite" in err
-    code, _, err = run(capsys, "evaluate", "--logits", str(logit_file), "--report", str(report), "--overwrite")
+    code, _, err = cli("evaluate", "--logits", str(logit_file), "--report", str(report), "--overwrite")
     assert code == 0 and json.loads(report.read_text())["kind"] == "evaluation"
 
 
@@ -77,31 +66,31 @@ def test_existing_report_is_not_overwritten(capsys, logit_file, tmp_path):
     ("content", "message"),
     [(b"garbage", "cannot be read"), (None, "no such file")],
 )
-def test_bad_logit_file_is_one_line_exit_1(capsys, tmp_path, content, message):
+def test_bad_logit_file_is_one_line_exit_1(cli, tmp_path, content, message):
     path = tmp_path / "bad.safetensors"
     if content is not None:
         path.write_bytes(content)
-    code, out, err = run(capsys, "fit", "--logits", str(path))
+    code, out, err = cli("fit", "--logits", str(path))
     assert code == 1 and out == ""
     assert message in err and str(path) in err
     assert "Traceback" not in err and err.strip().count("\n") == 0
 
 
-def test_usage_errors_exit_2(capsys, logit_file):
-    assert run(capsys, "fit", "--logits", str(logit_file), "--objective", "brier")[0] == 2
-    assert run(capsys, "fit", "--logits", str(logit_file), "--n-bins", "0")[0] == 2
-    assert run(capsys, "evaluate", "--no-such-flag")[0] == 2
-    assert run(capsys, "fit", "--logits", str(logit_file), "--out", "x.onnx")[0] == 2
+def test_usage_errors_exit_2(cli, logit_file):
+    assert cli("fit", "--logits", str(logit_file), "--objective", "brier")[0] == 2
+    assert cli("fit", "--logits", str(logit_file), "--n-bins", "0")[0] == 2
+    assert cli("evaluate", "--no-such-flag")[0] == 2
+    assert cli("fit", "--logits", str(logit_file), "--out", "x.onnx")[0] == 2
 
 
-def test_neither_or_both_sources_is_an_error(capsys, logit_file, tmp_path):
-    code, _, err = run(capsys, "fit")
+def test_neither_or_both_sources_is_an_error(cli, logit_file, tmp_path):
+    code, _, err = cli("fit")
     assert code == 1 and "exactly one of --logits" in err
-    code, _, err = run(capsys, "evaluate", "--logits", str(logit_file), "--data", str(tmp_path))
+    code, _, err = cli("evaluate", "--logits", str(logit_file), "--data", str(tmp_path))
     assert code == 1 and "exactly one of --logits" in err
 
 
-def test_fit_passes_options_to_the_library(capsys, logit_file, monkeypatch):
+def test_fit_passes_options_to_the_library(cli, logit_file, monkeypatch):
     import calibrate_teacher.pipeline as pipeline
 
     seen = {}
@@ -112,7 +101,7 @@ def test_fit_passes_options_to_the_library(capsys, logit_file, monkeypatch):
         return original(teacher, **kwargs)
 
     monkeypatch.setattr(pipeline, "calibrate", spy)
-    code, _, err = run(capsys, "fit", "--logits", str(logit_file), "--objective", "adaece", "--bounds", "0.5", "4",
+    code, _, err = cli("fit", "--logits", str(logit_file), "--objective", "adaece", "--bounds", "0.5", "4",
                        "--n-bins", "10", "--grid", "8", "--bootstrap", "5", "--seed", "7", "--json")
     assert code == 0, err
     assert seen["teacher"] is None and seen["objective"] == "adaece" and seen["bounds"] == (0.5, 4.0)

@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from calibrate_teacher import load_logits, load_teacher
-from calibrate_teacher.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
-
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -31,9 +21,9 @@ def digits(tmp_path):
     return tmp_path
 
 
-def test_fit_onnx_teacher_on_image_folder(capsys, digits):
+def test_fit_onnx_teacher_on_image_folder(cli, digits):
     report = digits / "fit.json"
-    code, out, err = run(capsys, "fit", digits / "teacher.onnx", "--data", digits / "val", "--json",
+    code, out, err = cli("fit", digits / "teacher.onnx", "--data", digits / "val", "--json",
                          "--report", report, "--save-logits", digits / "val.safetensors", "--bootstrap", "20")
     assert code == 0, err
     doc = json.loads(out)
@@ -45,7 +35,7 @@ def test_fit_onnx_teacher_on_image_folder(capsys, digits):
     baked = digits / "teacher.calibrated.onnx"
     assert doc["baked"]["path"] == str(baked) and baked.is_file()
     # the saved logits reproduce the fit without the teacher, and the baked teacher is z / T
-    code, out2, err = run(capsys, "fit", "--logits", digits / "val.safetensors", "--json", "--bootstrap", "20")
+    code, out2, err = cli("fit", "--logits", digits / "val.safetensors", "--json", "--bootstrap", "20")
     assert code == 0, err
     assert json.loads(out2)["temperature"] == doc["temperature"]
     ls = load_logits(digits / "val.safetensors")
@@ -59,13 +49,13 @@ def test_fit_onnx_teacher_on_image_folder(capsys, digits):
     ("teacher", "extra"),
     [("teacher.pt", []), ("teacher.safetensors", ["--arch", "digits_arch.py:digits_cnn"])],
 )
-def test_other_formats_give_the_same_metrics(capsys, digits, teacher, extra):
-    code, out, err = run(capsys, "evaluate", digits / "teacher.onnx", "--data", digits / "val", "--json",
+def test_other_formats_give_the_same_metrics(cli, digits, teacher, extra):
+    code, out, err = cli("evaluate", digits / "teacher.onnx", "--data", digits / "val", "--json",
                          "--bootstrap", "0")
     assert code == 0, err
     reference = json.loads(out)["metrics"]
     extra = [str(digits / e) if e.endswith(".py:digits_cnn") else e for e in extra]
-    code, out, err = run(capsys, "evaluate", digits / teacher, "--data", digits / "val", "--json",
+    code, out, err = cli("evaluate", digits / teacher, "--data", digits / "val", "--json",
                          "--bootstrap", "0", "--preprocess", digits / "teacher.preprocess.json", *extra)
     assert code == 0, err
     metrics = json.loads(out)["metrics"]
@@ -73,19 +63,19 @@ def test_other_formats_give_the_same_metrics(capsys, digits, teacher, extra):
     assert metrics["ece"] == pytest.approx(reference["ece"], abs=1e-4)
 
 
-def test_bad_data_folder_is_one_line(capsys, digits):
+def test_bad_data_folder_is_one_line(cli, digits):
     (digits / "empty").mkdir()
-    code, out, err = run(capsys, "fit", digits / "teacher.onnx", "--data", digits / "empty")
+    code, out, err = cli("fit", digits / "teacher.onnx", "--data", digits / "empty")
     assert code == 1 and out == "" and "empty" in err and err.strip().count("\n") == 0
     assert not (digits / "teacher.calibrated.onnx").exists()
 
 
-def test_corrupt_image_fails_or_is_skipped(capsys, digits):
+def test_corrupt_image_fails_or_is_skipped(cli, digits):
     bad = digits / "val" / "3" / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
-    code, _, err = run(capsys, "evaluate", digits / "teacher.onnx", "--data", digits / "val")
+    code, _, err = cli("evaluate", digits / "teacher.onnx", "--data", digits / "val")
     assert code == 1 and "broken.png" in err
-    code, out, err = run(capsys, "evaluate", digits / "teacher.onnx", "--data", digits / "val", "--skip-bad",
+    code, out, err = cli("evaluate", digits / "teacher.onnx", "--data", digits / "val", "--skip-bad",
                          "--json", "--bootstrap", "0")
     assert code == 0, err
     doc = json.loads(out)

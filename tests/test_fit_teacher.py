@@ -7,17 +7,6 @@ import pytest
 import torch
 
 from calibrate_teacher import LogitSet, calibrate, load_teacher
-from calibrate_teacher.cli import main
-
-
-def run(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -36,10 +25,10 @@ def teacher_and_logits(tmp_path):
     return net, model, logits, x
 
 
-def test_fit_with_teacher_bakes_the_fitted_temperature(capsys, tmp_path, teacher_and_logits):
+def test_fit_with_teacher_bakes_the_fitted_temperature(cli, tmp_path, teacher_and_logits):
     net, model, logits, x = teacher_and_logits
     out = tmp_path / "baked.onnx"
-    code, stdout, err = run(capsys, "fit", str(model), "--logits", str(logits), "--objective", "nll",
+    code, stdout, err = cli("fit", str(model), "--logits", str(logits), "--objective", "nll",
                             "--out", str(out), "--json", "--bootstrap", "0")
     assert code == 0, err
     doc = json.loads(stdout)
@@ -55,16 +44,16 @@ def test_fit_with_teacher_bakes_the_fitted_temperature(capsys, tmp_path, teacher
     assert torch.allclose(baked.logits(x[:20]).cpu(), expected, atol=1e-5)
     # the same fit again refuses to overwrite the baked teacher, and leaves it untouched
     before = out.read_bytes()
-    code, _, err = run(capsys, "fit", str(model), "--logits", str(logits), "--out", str(out))
+    code, _, err = cli("fit", str(model), "--logits", str(logits), "--out", str(out))
     assert code == 1 and "already exists" in err and out.read_bytes() == before
 
 
-def test_default_baked_path_and_no_bake(capsys, tmp_path, teacher_and_logits):
+def test_default_baked_path_and_no_bake(cli, tmp_path, teacher_and_logits):
     _, model, logits, _ = teacher_and_logits
-    code, _, err = run(capsys, "fit", str(model), "--logits", str(logits), "--no-bake", "--bootstrap", "0")
+    code, _, err = cli("fit", str(model), "--logits", str(logits), "--no-bake", "--bootstrap", "0")
     assert code == 0, err
     assert not (tmp_path / "teacher.calibrated.onnx").exists()
-    code, _, err = run(capsys, "fit", str(model), "--logits", str(logits), "--temperature", "1.5", "--bootstrap", "0")
+    code, _, err = cli("fit", str(model), "--logits", str(logits), "--temperature", "1.5", "--bootstrap", "0")
     assert code == 0, err
     assert (tmp_path / "teacher.calibrated.onnx").is_file() and "baked teacher written" in err
 

@@ -19,20 +19,10 @@ from _cache_fixtures import (
 )
 from safetensors.numpy import load_file
 
-from calibrate_teacher.cli import main
 from calibrate_teacher.soft_labels import Calibration, SoftLabelCache, SoftLabelDataset
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +41,10 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_values_are_teacher_logits_over_t(setup, tmp_path, capsys, fmt):
+def test_export_values_are_teacher_logits_over_t(setup, tmp_path, cli, fmt):
     out = tmp_path / "cache"
-    code, stdout, err = run(
-        capsys, "export-soft-labels", setup[fmt], "--data", setup["data"], "--out", out,
+    code, stdout, err = cli(
+        "export-soft-labels", setup[fmt], "--data", setup["data"], "--out", out,
         "--temperature", "1.5", "--shard-rows", "16", "--batch-size", "7", "--device", "cpu", "--json",
     )
     assert code == 0, err
@@ -69,9 +59,9 @@ def test_export_values_are_teacher_logits_over_t(setup, tmp_path, capsys, fmt):
     assert [s.rows for s in cache.manifest.shards] == [16, 16, 13]
 
 
-def test_export_top_k_keeps_the_largest_classes(setup, tmp_path, capsys):
+def test_export_top_k_keeps_the_largest_classes(setup, tmp_path, cli):
     out = tmp_path / "cache"
-    code, _, err = run(capsys, "export-soft-labels", setup["onnx"], "--data", setup["data"],
+    code, _, err = cli("export-soft-labels", setup["onnx"], "--data", setup["data"],
                        "--out", out, "-t", "2", "--top-k", "2", "--device", "cpu")
     assert code == 0, err
     ref = expected_logits(setup["module"], setup["inputs"]) / 2.0
@@ -83,11 +73,11 @@ def test_export_top_k_keeps_the_largest_classes(setup, tmp_path, capsys):
     torch.testing.assert_close(probs.gather(1, kept), exact.gather(1, kept), atol=2e-3, rtol=0)
 
 
-def test_from_report_records_the_fit(setup, tmp_path, capsys):
+def test_from_report_records_the_fit(setup, tmp_path, cli):
     report = tmp_path / "fit-report.json"
     report.write_text(json.dumps({"temperature": 1.83, "objective": "ece",
                                   "after": {"ece": 0.021, "nll": 0.33}}))
-    code, out, err = run(capsys, "export-soft-labels", setup["torchscript"], "--data", setup["data"],
+    code, out, err = cli("export-soft-labels", setup["torchscript"], "--data", setup["data"],
                          "--out", tmp_path / "c", "--from-report", report, "--device", "cpu")
     assert code == 0, err
     manifest = SoftLabelCache(tmp_path / "c").manifest
@@ -96,26 +86,26 @@ def test_from_report_records_the_fit(setup, tmp_path, capsys):
     assert "1.83 (fit (ece), from fit-report.json)" in out
 
 
-def test_option_errors_exit_2_and_existing_cache_exits_1(setup, tmp_path, capsys):
+def test_option_errors_exit_2_and_existing_cache_exits_1(setup, tmp_path, cli):
     base = ["export-soft-labels", setup["torchscript"], "--data", setup["data"], "--out", tmp_path / "c"]
-    code, _, err = run(capsys, *base)
+    code, _, err = cli(*base)
     assert code == 2 and "exactly one of --temperature" in err
-    code, _, err = run(capsys, *base, "-t", "1.5", "--from-report", tmp_path / "r.json")
+    code, _, err = cli(*base, "-t", "1.5", "--from-report", tmp_path / "r.json")
     assert code == 2
-    code, _, err = run(capsys, *base, "-t", "0")
+    code, _, err = cli(*base, "-t", "0")
     assert code == 1 and "temperature" in err and not (tmp_path / "c").exists()
-    code, _, err = run(capsys, *base, "-t", "1.5", "--top-k", "5")
+    code, _, err = cli(*base, "-t", "1.5", "--top-k", "5")
     assert code == 1 and "--top-k 5" in err
-    assert run(capsys, *base, "-t", "1.5", "--device", "cpu")[0] == 0
+    assert cli(*base, "-t", "1.5", "--device", "cpu")[0] == 0
     before = (tmp_path / "c" / "manifest.json").read_bytes()
-    code, _, err = run(capsys, *base, "-t", "3", "--device", "cpu")
+    code, _, err = cli(*base, "-t", "3", "--device", "cpu")
     assert code == 1 and err.startswith("Error (output exists)") and "--overwrite" in err
     assert (tmp_path / "c" / "manifest.json").read_bytes() == before
-    code, _, err = run(capsys, *base, "-t", "3", "--overwrite", "--device", "cpu")
+    code, _, err = cli(*base, "-t", "3", "--overwrite", "--device", "cpu")
     assert code == 0 and SoftLabelCache(tmp_path / "c").temperature == 3.0
 
 
-def test_cli_passes_options_to_the_library(monkeypatch, tmp_path, capsys):
+def test_cli_passes_options_to_the_library(monkeypatch, tmp_path, cli):
     calls = {}
 
     def fake_export(teacher, data, out, **kwargs):
@@ -125,7 +115,7 @@ def test_cli_passes_options_to_the_library(monkeypatch, tmp_path, capsys):
     import calibrate_teacher.soft_labels as soft_labels
 
     monkeypatch.setattr(soft_labels, "export_soft_labels", fake_export)
-    code, _, err = run(capsys, "export-soft-labels", "t.onnx", "--data", "train/", "--out", "cache",
+    code, _, err = cli("export-soft-labels", "t.onnx", "--data", "train/", "--out", "cache",
                        "-t", "1.5", "--top-k", "0", "--batch-size", "32", "--workers", "2",
                        "--shard-rows", "1000", "--no-resume", "--overwrite", "--device", "cpu",
                        "--output", "logits", "--mean", "0.5,0.5,0.5")
@@ -137,18 +127,18 @@ def test_cli_passes_options_to_the_library(monkeypatch, tmp_path, capsys):
     assert calls["preprocess_overrides"] == {"mean": (0.5, 0.5, 0.5)}
 
 
-def test_inspect_table_and_json(setup, tmp_path, capsys):
+def test_inspect_table_and_json(setup, tmp_path, cli):
     out = tmp_path / "c"
-    assert run(capsys, "export-soft-labels", setup["torchscript"], "--data", setup["data"], "--out", out,
+    assert cli("export-soft-labels", setup["torchscript"], "--data", setup["data"], "--out", out,
                "-t", "1.5", "--device", "cpu")[0] == 0
-    code, stdout, err = run(capsys, "inspect", out, "--verify")
+    code, stdout, err = cli("inspect", out, "--verify")
     assert code == 0, err
     assert "complete" in stdout and "45 x 5" in stdout and "1.5 (fixed)" in stdout
     assert "verified: 1 shard(s)" in stdout
-    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    code, stdout, _ = cli("inspect", out, "--json")
     doc = json.loads(stdout)
     assert doc["manifest"]["data"]["num_samples"] == 45 and doc["verification"] is None
-    code, _, err = run(capsys, "inspect", tmp_path / "nothing")
+    code, _, err = cli("inspect", tmp_path / "nothing")
     assert code == 1 and "not a soft-label cache" in err
 
 
@@ -159,9 +149,9 @@ def test_commands_have_help_with_examples():
         assert done.returncode == 0 and "Examples:" in done.stdout
 
 
-def test_dataset_over_exported_cache_with_workers(setup, tmp_path, capsys):
+def test_dataset_over_exported_cache_with_workers(setup, tmp_path, cli):
     out = tmp_path / "c"
-    assert run(capsys, "export-soft-labels", setup["onnx"], "--data", setup["data"], "--out", out,
+    assert cli("export-soft-labels", setup["onnx"], "--data", setup["data"], "--out", out,
                "-t", "1.5", "--shard-rows", "10", "--device", "cpu")[0] == 0
     inputs = torch.from_numpy(setup["inputs"])
     labels = torch.from_numpy(setup["labels"])
