@@ -50,16 +50,16 @@ def equal_mass_bins(
         ``[K, M - 1]`` (2.0 where a bin lies past the last group). Bins past the last group are
         empty.
     """
-    sorted_values, sorted_hits = sort_rows(values, hits)
+    sorted_values, sorted_hits, _ = sort_rows(values, hits)
     return equal_mass_sorted(sorted_values, sorted_hits, n_bins, first=first_above(sorted_values, threshold))
 
 
-def sort_rows(values: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each row of ``values`` ascending and carry ``hits`` along."""
+def sort_rows(values: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort each row of ``values`` ascending, carry ``hits`` along; also return the order."""
     import torch
 
     sorted_values, order = torch.sort(values, dim=1)
-    return sorted_values.contiguous(), hits.gather(1, order)
+    return sorted_values.contiguous(), hits.gather(1, order), order
 
 
 def first_above(sorted_values: torch.Tensor, threshold: float | None) -> torch.Tensor:

@@ -55,33 +55,52 @@ def bootstrap_ece(
     return _interval(ece)
 
 
-def bootstrap_ace(
-    edges: list[tuple[int, torch.Tensor, torch.Tensor]],
-    labels: torch.Tensor,
-    resamples: int,
-    seed: int,
-) -> tuple[float, float]:
-    """95% interval of ACE with each class's equal-mass edges held at their full-sample values.
+class AceBootstrap:
+    """Accumulates the 95% interval of ACE over class blocks, during ACE's own column pass.
 
-    Recomputing the edges would sort all ``N x C`` probabilities once per resample; holding them
-    fixed turns each resample into one matrix product, ``B x N x C x M`` work in all.
+    Each class's equal-mass bins are held at their full-sample edges: recomputing them would sort
+    all ``N x C`` probabilities once per resample. Holding them turns a resample into one matrix
+    product over the class block (``B x N x C x M`` multiply-adds in all), and nothing per class is
+    kept after its block.
     """
-    import torch
 
-    first = edges[0][1]
-    n, device = first.shape[1], first.device
-    w = _weights(n, resamples, seed, device).to(torch.float32)
-    total = torch.zeros(resamples, dtype=torch.float64, device=device)
-    classes = 0
-    for start, block, upper in edges:
-        k, m = block.shape[0], upper.shape[1] + 1
-        cls = torch.arange(start, start + k, device=device)
-        bins = torch.searchsorted(upper.contiguous(), block.contiguous(), right=False)  # [k, N]
-        gap = (labels[None, :] == cls[:, None]).to(torch.float64) - block  # [k, N]
-        spread = torch.zeros((k, m, n), dtype=torch.float32, device=device)
-        spread.scatter_(1, bins[:, None, :], gap[:, None, :].to(torch.float32))
-        sums = w @ spread.view(k * m, n).T  # [B, k*m]
-        total += sums.view(resamples, k, m).abs().sum(dim=2).sum(dim=1).to(torch.float64)
-        classes += k
-    ace = total / (classes * w.sum(dim=1).to(torch.float64))
-    return _interval(ace)
+    def __init__(self, n: int, resamples: int, seed: int, device: torch.device) -> None:
+        import torch
+
+        self.n = n
+        self.weights = _weights(n, resamples, seed, device).to(torch.float32)  # [B, N]
+        self.total = torch.zeros(resamples, dtype=torch.float64, device=device)
+        self.classes = 0
+        self._spread: torch.Tensor | None = None
+
+    def add(self, sorted_values: torch.Tensor, sorted_hits: torch.Tensor, order: torch.Tensor,
+            count: torch.Tensor) -> None:
+        """Add a block of classes: rows sorted by value, ``order`` maps back, ``count`` per bin."""
+        import torch
+
+        k, n = sorted_values.shape
+        m = count.shape[1]
+        device = sorted_values.device
+        # The bin of each sorted position, from the bin sizes: mark each bin's start, then cumsum.
+        marks = torch.zeros((k, n + 1), dtype=torch.int64, device=device)
+        starts = count.to(torch.int64).cumsum(dim=1)[:, :-1]
+        marks.scatter_add_(1, starts, torch.ones_like(starts))
+        bins = marks[:, :n].cumsum(dim=1)
+        rows = torch.arange(k, device=device)[:, None]
+        flat = ((rows * m + bins) * n + order).view(-1)
+        size = k * m * n
+        if self._spread is None or self._spread.numel() < size:
+            self._spread = torch.zeros(size, dtype=torch.float32, device=device)
+        spread = self._spread[:size]
+        spread.scatter_(0, flat, (sorted_hits - sorted_values).to(torch.float32).view(-1))
+        sums = self.weights @ spread.view(k * m, n).T  # [B, k*m]
+        spread.scatter_(0, flat, torch.zeros_like(spread[: flat.numel()]))  # zero again for reuse
+        self.total += sums.view(-1, k, m).abs().sum(dim=2).sum(dim=1).to(torch.float64)
+        self.classes += k
+
+    def interval(self) -> tuple[float, float]:
+        """The 2.5 % and 97.5 % percentiles of ACE over the resamples."""
+        import torch
+
+        ace = self.total / (self.classes * self.weights.sum(dim=1).to(torch.float64))
+        return _interval(ace)

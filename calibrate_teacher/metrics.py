@@ -41,6 +41,8 @@ from calibrate_teacher.errors import InvalidValueError
 if TYPE_CHECKING:
     import torch
 
+    from calibrate_teacher._bootstrap import AceBootstrap
+
 __all__ = [
     "DEFINITIONS",
     "BinStats",
@@ -230,7 +232,7 @@ def adaptive_calibration_error(
     _validate_probs(probs, labels)
     _check_options(n_bins=n_bins, bootstrap=0)
     if threshold is None or threshold == TACE_THRESHOLD:
-        ace, tace, _ = _class_equal_mass(_prob_columns(probs), labels, n_bins)
+        ace, tace = _class_equal_mass(_prob_columns(probs), labels, n_bins)
         return ace if threshold is None else tace
     values = probs.to(torch.float64).T.contiguous()
     hits = (labels[None, :] == torch.arange(probs.shape[1])[:, None]).to(torch.float64)
@@ -342,31 +344,30 @@ def _class_equal_mass(
     columns: Iterator[tuple[int, torch.Tensor]],
     labels: torch.Tensor,
     n_bins: int,
-    keep_edges: bool = False,
-) -> tuple[float, float, list[tuple[int, torch.Tensor, torch.Tensor]]]:
-    """ACE and TACE (one sort of each class column serves both); optionally ACE's bin edges."""
+    bootstrap: AceBootstrap | None = None,
+) -> tuple[float, float]:
+    """ACE and TACE (one sort of each class column serves both, and the ACE bootstrap too)."""
     import torch
 
     sums = {"ace": 0.0, "tace": 0.0}
     used = {"ace": 0, "tace": 0}
-    edges: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for start, block in columns:
         classes = torch.arange(start, start + block.shape[0], device=block.device)
         hits = (labels.to(block.device)[None, :] == classes[:, None]).to(torch.float64)
-        sorted_values, sorted_hits = _binning.sort_rows(block, hits)
+        sorted_values, sorted_hits, order = _binning.sort_rows(block, hits)
         for name, threshold in (("ace", None), ("tace", TACE_THRESHOLD)):
             first = _binning.first_above(sorted_values, threshold)
-            _, value_sum, hit_sum, kept, upper = _binning.equal_mass_sorted(
+            count, value_sum, hit_sum, kept, _ = _binning.equal_mass_sorted(
                 sorted_values, sorted_hits, n_bins, first=first
             )
             err = (hit_sum - value_sum).abs().sum(dim=1) / kept.clamp_min(1)
             present = kept > 0
             sums[name] += float(err[present].sum())
             used[name] += int(present.sum())
-            if keep_edges and threshold is None:
-                edges.append((start, block, upper))
+            if bootstrap is not None and threshold is None:
+                bootstrap.add(sorted_values, sorted_hits, order, count)
     ace, tace = (sums[k] / used[k] if used[k] else 0.0 for k in ("ace", "tace"))
-    return ace, tace, edges
+    return ace, tace
 
 
 def _compute(
@@ -451,14 +452,16 @@ def _compute(
             return _prob_columns(source)
         return _logit_columns(source, temperature, torch.cat(lses))
 
-    ace, tace, ace_edges = _class_equal_mass(columns(), labels, n_bins, keep_edges=bootstrap > 0)
+    from calibrate_teacher._bootstrap import AceBootstrap, bootstrap_ece
+
+    ace_boot = AceBootstrap(n, bootstrap, seed, device) if bootstrap else None
+    ace, tace = _class_equal_mass(columns(), labels, n_bins, ace_boot)
 
     intervals: dict[str, tuple[float, float]] = {}
     if bootstrap:
-        from calibrate_teacher._bootstrap import bootstrap_ace, bootstrap_ece
-
         intervals["ece"] = bootstrap_ece(top_bin, conf, correct, n_bins, bootstrap, seed)
-        intervals["ace"] = bootstrap_ace(ace_edges, labels, bootstrap, seed)
+    if ace_boot is not None:
+        intervals["ace"] = ace_boot.interval()
 
     lower = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     safe = b_count.clamp_min(1)

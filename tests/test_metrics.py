@@ -298,3 +298,26 @@ def test_to_dict_is_json_and_names_definitions():
     for key in ("ece", "ece_over", "ece_under", "mce", "adaece", "ace", "tace", "classwise_ece", "nll", "brier"):
         assert key in data and key in DEFINITIONS
     assert "Nixon" in DEFINITIONS["ace"] and "(lo, hi]" in DEFINITIONS["ece"]
+
+
+def test_bootstrap_ace_interval_matches_a_loop_with_fixed_edges():
+    from calibrate_teacher._bootstrap import _weights
+
+    logits, labels = _random_logits(70, 4, 11)
+    m = calibration_metrics(logits, labels, n_bins=5, bootstrap=48, seed=5)
+    counts = _weights(70, 48, 5, torch.device("cpu")).numpy()
+    probs = ref.softmax64(logits.numpy())
+    y = labels.numpy()
+    values = []
+    for w in counts:
+        per_class = []
+        for k in range(4):
+            edges = ref.equal_mass_upper_edges(list(probs[:, k]), 5)  # held at the full-sample edges
+            sums = [0.0] * len(edges)
+            for i in range(70):
+                b = next(j for j, e in enumerate(edges) if probs[i, k] <= e)
+                sums[b] += w[i] * ((1.0 if y[i] == k else 0.0) - probs[i, k])
+            per_class.append(sum(abs(s) for s in sums) / w.sum())
+        values.append(sum(per_class) / 4)
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    assert m.confidence_intervals["ace"] == pytest.approx((lo, hi), abs=1e-6)  # float32 products
