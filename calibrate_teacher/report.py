@@ -27,6 +27,7 @@ __all__ = [
     "fit_summary",
     "metrics_table",
     "reliability_text",
+    "require_matplotlib",
     "save_reliability_diagram",
     "sweep_table",
     "write_json",
@@ -190,6 +191,20 @@ def reliability_text(metrics: CalibrationMetrics, *, width: int = 30) -> Table:
     return table
 
 
+def require_matplotlib() -> None:
+    """Raise a one-line install hint unless matplotlib can be imported.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the reliability diagram needs matplotlib: pip install 'calibrate-teacher[plot]'"
+        ) from exc
+
+
 def save_reliability_diagram(
     path: str | os.PathLike[str],
     before: CalibrationMetrics,
@@ -203,15 +218,12 @@ def save_reliability_diagram(
         MissingDependencyError: matplotlib is not installed.
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
     """
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "the reliability diagram needs matplotlib: pip install 'calibrate-teacher[plot]'"
-        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     panels = [before] if after is None else [before, after]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, m in zip(axes[0], panels, strict=True):

@@ -140,3 +140,30 @@ def test_public_api_resolves_every_name():
     for name in calibrate_teacher.__all__:
         assert getattr(calibrate_teacher, name) is not None, name
     assert set(calibrate_teacher._LAZY) <= set(calibrate_teacher.__all__)
+
+
+def test_reliability_diagram_png(cli, logit_file, tmp_path):
+    png = tmp_path / "rel.png"
+    code, _, err = cli("fit", "--logits", logit_file, "--diagram", png, "--bootstrap", "0")
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    code, _, err = cli("evaluate", "--logits", logit_file, "--diagram", png)
+    assert code == 1 and "already exists" in err
+
+
+def test_diagram_without_matplotlib_is_a_one_line_hint(cli, logit_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = cli("evaluate", "--logits", logit_file, "--diagram", tmp_path / "r.png", "--bootstrap", "0")
+    assert code == 1 and "pip install 'calibrate-teacher[plot]'" in err
+    assert err.strip().count("\n") == 0 and not (tmp_path / "r.png").exists()
+
+
+def test_missing_matplotlib_is_found_before_any_output(cli, logit_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = tmp_path / "r.json"
+    code, _, err = cli("fit", "--logits", logit_file, "--diagram", tmp_path / "r.png", "--report", report)
+    assert code == 1 and "matplotlib" in err and not report.exists()

@@ -133,6 +133,15 @@ def test_hand_worked_adaece_and_ace():
     assert got == pytest.approx((0.4 + (0.6 + 0.3) / 2) / 2, abs=1e-15)
 
 
+def test_hand_worked_classwise_ece():
+    # 2 bins (0, .5] / (.5, 1]. class 0: p = .9 .8 .3 .6 .5, label-0 hits 1 0 0 0 1
+    #   bin 0 {.3, .5}: |1 - .8| = .2; bin 1 {.9, .8, .6}: |1 - 2.3| = 1.3  -> 1.5 / 5 = .3
+    # class 1: p = .1 .2 .7 .4 .5, hits 0 1 1 1 0
+    #   bin 0 {.1, .2, .4, .5}: |2 - 1.2| = .8; bin 1 {.7}: |1 - .7| = .3  -> 1.1 / 5 = .22
+    got = classwise_calibration_error(HAND_PROBS, HAND_LABELS, n_bins=2)
+    assert got == pytest.approx((0.3 + 0.22) / 2, abs=1e-15)
+
+
 def test_bin_edges_are_lo_exclusive_hi_inclusive():
     # confidence exactly 0.6 with 5 bins goes to (0.4, 0.6], not (0.6, 0.8]
     probs = torch.tensor([[0.6, 0.4], [0.4, 0.6]], dtype=torch.float64)

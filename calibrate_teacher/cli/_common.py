@@ -52,11 +52,14 @@ def collect_source(
     return source
 
 
-def precheck_outputs(*paths: Path | None, overwrite: bool) -> None:
-    """Refuse existing outputs up front, before any long run (``--overwrite`` allows them)."""
+def precheck_outputs(*paths: Path | None, overwrite: bool, diagram: Path | None = None) -> None:
+    """Refuse existing outputs, or a diagram without matplotlib, up front, before any long run."""
     from calibrate_teacher._io import check_output
+    from calibrate_teacher.report import require_matplotlib
 
-    for path in paths:
+    if diagram is not None:
+        require_matplotlib()
+    for path in (*paths, diagram):
         if path is not None:
             check_output(path, overwrite=overwrite)
 

@@ -72,7 +72,7 @@ def evaluate(
     )
     if teacher is not None and logits is not None:
         raise typer.BadParameter("give TEACHER with --data, or --logits alone (the teacher is not run on --logits)")
-    precheck_outputs(report, diagram, save_logits, overwrite=overwrite)
+    precheck_outputs(report, save_logits, overwrite=overwrite, diagram=diagram)
     source = collect_source(
         teacher=teacher, logits=logits, labels=labels, data=data, device=device, output=output, arch=arch,
         arch_kwargs=arch_kwargs, preprocess=preprocess, overrides=overrides, classes=classes, skip_bad=skip_bad,

@@ -103,7 +103,7 @@ def fit(
         from calibrate_teacher.baking import default_baked_path
 
         baked_path = out or default_baked_path(teacher)
-    precheck_outputs(report, diagram, save_logits, baked_path, overwrite=overwrite)
+    precheck_outputs(report, save_logits, baked_path, overwrite=overwrite, diagram=diagram)
     source = collect_source(
         teacher=teacher, logits=logits, labels=labels, data=data, device=device, output=output, arch=arch,
         arch_kwargs=arch_kwargs, preprocess=preprocess, overrides=overrides, classes=classes, skip_bad=skip_bad,
