@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,27 @@ def test_missing_matplotlib_is_found_before_any_output(cli, logit_file, tmp_path
     report = tmp_path / "r.json"
     code, _, err = cli("fit", "--logits", logit_file, "--diagram", tmp_path / "r.png", "--report", report)
     assert code == 1 and "matplotlib" in err and not report.exists()
+
+
+def _shape(x):
+    if isinstance(x, dict):
+        return {k: _shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_shape(x[0])] if x else []
+    return type(x).__name__
+
+
+def test_report_json_shape_is_pinned_by_a_golden_file(cli, logit_file):
+    """Changing the report's shape means bumping format_version and a CHANGELOG line."""
+    golden = json.loads((Path(__file__).parent / "golden" / "report-shape.json").read_text())
+    code, out, err = cli("fit", "--logits", logit_file, "--objective", "nll", "--json", "--bootstrap", "10")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["format_version"] == 1
+    assert doc.pop("source") == {"logits": str(logit_file), "num_samples": 400, "num_classes": 5}
+    assert _shape(doc) == golden["fit"]
+    code, out, err = cli("evaluate", "--logits", logit_file, "--json", "--bootstrap", "10")
+    assert code == 0, err
+    doc = json.loads(out)
+    doc.pop("source")
+    assert _shape(doc) == golden["evaluation"]
