@@ -192,3 +192,13 @@ def test_report_json_shape_is_pinned_by_a_golden_file(cli, logit_file):
     doc = json.loads(out)
     doc.pop("source")
     assert _shape(doc) == golden["evaluation"]
+
+
+def test_version_flag_matches_the_package_metadata(cli):
+    from importlib.metadata import version
+
+    import calibrate_teacher
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"calibrate-teacher {calibrate_teacher.__version__}"
+    assert calibrate_teacher.__version__ == version("calibrate-teacher")

@@ -8,6 +8,7 @@ talk. Exit codes: 0 ok, 1 error, 2 usage, 130 interrupted.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -29,6 +30,23 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+def _version(value: bool) -> None:
+    if value:
+        from calibrate_teacher import __version__
+
+        typer.echo(f"calibrate-teacher {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Measure and fix a teacher's calibration before knowledge distillation."""
+
 
 app.command("evaluate")(evaluate.evaluate)
 app.command("fit")(fit.fit)
