@@ -125,6 +125,7 @@ class TemperatureFit:
                 "default_temperature": PAPER_DEFAULT_T,
                 "robust_range": list(PAPER_RANGE),
                 "position": self.paper_range,
+                "sharpens": self.temperature < 1.0,
             },
             "iterations": self.iterations,
             "passes": self.passes,

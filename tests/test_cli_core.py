@@ -202,3 +202,17 @@ def test_version_flag_matches_the_package_metadata(cli):
     code, out, _ = cli("--version")
     assert code == 0 and out.strip() == f"calibrate-teacher {calibrate_teacher.__version__}"
     assert calibrate_teacher.__version__ == version("calibrate-teacher")
+
+
+def test_fit_warns_when_t_below_one_would_sharpen_the_teacher(cli, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    logits = 0.3 * torch.randn(300, 4, generator=g) + 1.5 * torch.nn.functional.one_hot(labels, 4)
+    path = tmp_path / "under.safetensors"
+    LogitSet(logits, labels).save(path)  # accurate but timid: underconfident
+    code, out, err = cli("fit", "--logits", path, "--objective", "nll", "--bootstrap", "0")
+    assert code == 0, err
+    assert "T < 1 sharpens" in " ".join(out.split())
+    code, out, _ = cli("fit", "--logits", path, "--objective", "nll", "--bootstrap", "0", "--json")
+    doc = json.loads(out)
+    assert doc["temperature"] < 1 and doc["paper"]["sharpens"] is True

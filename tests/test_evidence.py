@@ -1,0 +1,225 @@
+"""examples/evidence/: the calibrated-teacher experiment runs (tiny mode) and its statistics hold.
+
+The tiny run goes through the real path (torch.export teacher -> ``export_soft_labels`` ->
+``SoftLabelDataset`` -> ``kd_loss``); the test checks the caches it left behind against the
+teachers themselves, and recomputes the reported statistics from the raw per-seed numbers.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+EVIDENCE = Path(__file__).resolve().parents[1] / "examples" / "evidence"
+sys.path.insert(0, str(EVIDENCE))
+
+import evidence_stats  # noqa: E402
+import run_evidence  # noqa: E402
+
+from calibrate_teacher.soft_labels import SoftLabelCache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evidence")
+    doc = tmp / "evidence.md"
+    doc.write_text(
+        f"# Evidence\n\nWritten by hand.\n\n{run_evidence.TABLE_BEGIN}\nold table\n"
+        f"{run_evidence.TABLE_END}\n\n## Reading\n\nAlso by hand.\n",
+        encoding="utf-8",
+    )
+    threads = torch.get_num_threads()
+    try:
+        results = run_evidence.main(["--tiny", "--work", str(tmp / "work"),
+                                     "--results", str(tmp / "results.json"), "--docs", str(doc)])
+    finally:  # main() sets process-wide torch state; leave the test session as it was
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+    return tmp, results
+
+
+def test_tiny_run_writes_docs_plot_and_results(tiny_run):
+    tmp, results = tiny_run
+    text = (tmp / "evidence.md").read_text(encoding="utf-8")
+    assert text.startswith("# Evidence\n\nWritten by hand.\n\n")
+    assert text.endswith("## Reading\n\nAlso by hand.\n")
+    assert "old table" not in text
+    assert "Reproduce with `python examples/evidence/run_evidence.py --tiny --docs" in text
+    for ds in results["datasets"].values():
+        assert f"### {ds['title']}" in text
+        for t in ds["teachers"]:
+            assert f"| {t['name']} | {t['recipe']} |" in text
+    assert (tmp / "evidence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp / "results.json").read_text(encoding="utf-8")) == results
+
+
+def test_tiny_run_prints_the_table(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        run_evidence.main(["--tiny", "--seeds", "2"])
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+    out = capsys.readouterr().out
+    assert "| teacher | recipe | acc | ECE 1 → fit |" in out
+    assert "| raw teachers (n = 3) |" in out
+    assert "| all teacher × T points (n = 9) |" in out
+    assert "KD: tau = 4, alpha = 0.9; 2 student seeds per arm" in out
+
+
+def test_caches_hold_each_teacher_at_its_arm_temperature(tiny_run):
+    tmp, results = tiny_run
+    for name, ds in results["datasets"].items():
+        work = tmp / "work" / name
+        with np.load(work / "train.npz") as arrays:
+            inputs = torch.from_numpy(arrays["inputs"])
+            labels = arrays["labels"]
+        for t in ds["teachers"]:
+            fitted = json.loads((work / f"{t['name']}.fit.json").read_text(encoding="utf-8"))
+            expected = {"raw": 1.0, "paper": 1.5, "fit": fitted["temperature"]}
+            teacher = torch.export.load(str(work / f"{t['name']}.pt2")).module()
+            with torch.no_grad():
+                logits = teacher(inputs)
+            for arm, temperature in expected.items():
+                assert t["arms"][arm]["temperature"] == temperature
+                cache = SoftLabelCache(work / f"{t['name']}-{arm}")
+                assert cache.temperature == temperature
+                assert cache.manifest.calibration.method == ("fit" if arm == "fit" else "fixed")
+                np.testing.assert_array_equal(cache.labels.numpy(), labels)
+                stored = cache.logits()[:]
+                # fp16 storage: relative precision 2^-11
+                torch.testing.assert_close(stored, logits / temperature, rtol=2e-3, atol=2e-3)
+
+
+def test_the_commands_write_the_same_soft_labels(tiny_run):
+    # examples/evidence/README.md lists the commands equivalent to the API calls the script makes.
+    import subprocess
+
+    tmp, _ = tiny_run
+    work = tmp / "work" / "synth100"
+    out = tmp / "cli"
+    out.mkdir()
+    for args in (["fit", str(work / "S1.pt2"), "--data", str(work / "val.npz"),
+                  "--report", str(out / "fit.json"), "--no-bake"],
+                 ["export-soft-labels", str(work / "S1.pt2"), "--data", str(work / "train.npz"),
+                  "--out", str(out / "cache"), "--from-report", str(out / "fit.json")]):
+        done = subprocess.run([sys.executable, "-m", "calibrate_teacher", *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+    ours, theirs = SoftLabelCache(work / "S1-fit"), SoftLabelCache(out / "cache")
+    assert theirs.temperature == ours.temperature
+    assert theirs.keys == ours.keys
+    assert torch.equal(theirs.logits()[:], ours.logits()[:])
+
+
+def test_reported_statistics_match_the_per_seed_numbers(tiny_run):
+    _, results = tiny_run
+    summary = evidence_stats.summarise(results)
+    for name, ds in results["datasets"].items():
+        test_size = ds["sizes"]["test"]
+        per_teacher = {"paper": [], "fit": []}
+        for t, s in zip(ds["teachers"], summary[name]["teachers"], strict=True):
+            raw = t["arms"]["raw"]["student_accuracy"]
+            assert len(raw) == len(results["seeds"]) == 2
+            for arm in ("raw", "paper", "fit"):
+                accs = t["arms"][arm]["student_accuracy"]
+                for a in accs:  # a fraction of the test set, nothing interpolated
+                    assert 0.0 <= a <= 1.0
+                    assert a * test_size == pytest.approx(round(a * test_size), abs=1e-9)
+                assert s["arms"][arm]["student"][0] == pytest.approx(sum(accs) / len(accs))
+            for arm in ("paper", "fit"):
+                accs = t["arms"][arm]["student_accuracy"]
+                diffs = [accs[i] - raw[i] for i in range(len(raw))]
+                mean = sum(diffs) / len(diffs)
+                assert s["arms"][arm]["vs_raw"][0] == pytest.approx(mean, abs=1e-12)
+                per_teacher[arm].append(mean)
+        for arm, means in per_teacher.items():
+            got = summary[name]["pooled"][arm]["mean_diff"][0]
+            assert got == pytest.approx(sum(means) / len(means), abs=1e-12)
+        # R² of student accuracy against teacher ECE / signed gap over every teacher x T point.
+        points = [t["arms"][a] for t in ds["teachers"] for a in ("raw", "paper", "fit")]
+        ys = [float(np.mean(p["student_accuracy"])) for p in points]
+        ece = [p["teacher_val"]["ece"] for p in points]
+        gap = [p["teacher_val"]["confidence"] - p["teacher_val"]["accuracy"] for p in points]
+        for key, xs in (("ece", ece), ("gap", gap)):
+            r = np.corrcoef(xs, ys)[0, 1]
+            got = summary[name]["correlation"]["all"][key]
+            assert got[:2] == pytest.approx((r, r * r), abs=1e-9)
+
+
+def test_t_interval_against_scipy_and_by_hand():
+    from scipy import stats
+
+    mean, lo, hi = evidence_stats.t_interval([1.0, 2.0, 3.0])
+    # s = 1, n = 3: half-width t(0.975, 2) / sqrt(3) = 4.302652729749464 / 1.7320508075688772
+    assert (mean, hi - mean) == pytest.approx((2.0, 2.4841377118), abs=1e-9)
+    assert mean - lo == pytest.approx(hi - mean)
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 17):
+        values = rng.normal(0.7, 0.05, n)
+        want = stats.t.interval(0.95, n - 1, loc=values.mean(), scale=stats.sem(values))
+        got = evidence_stats.t_interval(list(values))
+        assert got[0] == pytest.approx(values.mean(), abs=1e-12)
+        assert got[1:] == pytest.approx(want, abs=1e-12)
+    assert evidence_stats.t_interval([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    one = evidence_stats.t_interval([0.25])
+    assert one[0] == 0.25 and math.isnan(one[1]) and math.isnan(one[2])
+    with pytest.raises(ValueError, match="no values"):
+        evidence_stats.t_interval([])
+
+
+def test_paired_is_the_interval_of_differences():
+    a, b = [0.9, 0.8, 0.85, 0.7], [0.88, 0.79, 0.80, 0.71]
+    want = evidence_stats.t_interval([0.02, 0.01, 0.05, -0.01])
+    assert evidence_stats.paired(a, b) == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="3 values against 2"):
+        evidence_stats.paired([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_linear_fit_against_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 0.3, 12)
+    y = 0.7 - 0.5 * x + rng.normal(0, 0.02, 12)
+    want = stats.linregress(x, y)
+    r, r2, slope, intercept = evidence_stats.linear_fit(list(x), list(y))
+    assert (r, r2, slope, intercept) == pytest.approx(
+        (want.rvalue, want.rvalue**2, want.slope, want.intercept), abs=1e-10
+    )
+    assert evidence_stats.linear_fit([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(
+        (1.0, 1.0, 2.0, 1.0)
+    )
+    for flat in (evidence_stats.linear_fit([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]),
+                 evidence_stats.linear_fit([1.0, 2.0], [3.0, 4.0])):
+        assert all(math.isnan(v) for v in flat)
+
+
+def test_r_interval_by_hand():
+    # r = 0.5, n = 12: z = atanh(0.5) = 0.5493061443, half = 1.959963985 / 3 = 0.6533213283
+    lo, hi = evidence_stats.r_interval(0.5, 12)
+    assert (lo, hi) == pytest.approx((math.tanh(-0.1040151840), math.tanh(1.2026274726)),
+                                     abs=1e-9)
+    assert lo < 0.5 < hi
+    lo, hi = evidence_stats.r_interval(-0.5, 12)  # symmetric in the sign of r
+    assert (lo, hi) == pytest.approx((-math.tanh(1.2026274726), -math.tanh(-0.1040151840)))
+    assert all(math.isnan(v) for v in evidence_stats.r_interval(0.9, 3))
+
+
+def test_write_docs_appends_then_replaces_only_its_block(tmp_path):
+    doc = tmp_path / "e.md"
+    doc.write_text("# Title\n", encoding="utf-8")
+    run_evidence.write_docs(doc, "| a |", "cmd one")
+    first = doc.read_text(encoding="utf-8")
+    assert first.startswith("# Title\n\n" + run_evidence.TABLE_BEGIN)
+    assert "`cmd one`" in first and "| a |" in first
+    doc.write_text(first + "\nafter\n", encoding="utf-8")
+    run_evidence.write_docs(doc, "| b |", "cmd two")
+    second = doc.read_text(encoding="utf-8")
+    assert "| a |" not in second and "| b |" in second and "`cmd two`" in second
+    assert second.startswith("# Title\n") and second.endswith("\nafter\n")
+    assert second.count(run_evidence.TABLE_BEGIN) == 1
