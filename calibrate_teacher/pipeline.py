@@ -185,7 +185,7 @@ def calibrate(
         teacher: The teacher model; needed with ``data``, and for baking.
         data: Validation data to run the teacher on (image folder or array file).
         logits: Precomputed validation logits instead of ``data`` (a file, or a LogitSource).
-        objective: ``ece`` (default), ``nll``, ``adaece``, ``ace`` or ``fixed``.
+        objective: ``ece`` (default), ``nll``, ``adaece``, ``ace``, ``paper`` or ``fixed``.
         temperature: The ``T`` for ``fixed`` (default 1.5).
         bounds: The range of ``T`` searched.
         n_bins: Bins for the binned metrics.

@@ -189,3 +189,15 @@ def test_cuda_fit_matches_cpu():
     cpu = fit_temperature(logits, labels, objective="nll")
     gpu = fit_temperature(logits.cuda(), labels.cuda(), objective="nll")
     assert gpu.temperature == pytest.approx(cpu.temperature, rel=1e-5)
+
+
+@pytest.mark.parametrize(("scale", "side"), [(6.0, "over"), (0.5, "under")])
+def test_paper_policy_minimises_ece_within_its_range(scale, side):
+    logits, labels = _data(500, 6, 12, scale=scale, signal=2.0 if side == "over" else 6.0)
+    fit = fit_temperature(logits, labels, objective="paper")
+    assert 1.5 <= fit.temperature <= 3.0 and not fit.at_bound
+    inside = [calibration_metrics(logits, labels, temperature=t).ece for t in np.linspace(1.5, 3.0, 31)]
+    assert fit.after.ece <= min(inside) + 1e-6
+    if side == "under":  # plain ECE would sharpen (T < 1); the paper's policy never does
+        assert fit_temperature(logits, labels, objective="ece", grid=16).temperature < 1.0
+        assert fit.temperature == pytest.approx(1.5, abs=1e-3)

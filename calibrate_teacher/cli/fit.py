@@ -25,7 +25,8 @@ def fit(
         typer.Option(
             "--objective",
             help="What T minimises: ece (default; the paper ties the teacher's ECE to student accuracy), "
-            "nll (exact), adaece, ace. Ignored with --temperature.",
+            "nll (exact), adaece, ace, or paper (ECE within the paper's robust 1.5-3.0: never sharpens "
+            "the teacher). Ignored with --temperature.",
         ),
     ] = "ece",
     temperature: Annotated[
@@ -83,6 +84,7 @@ def fit(
     Examples:
       calibrate-teacher fit examples/digits/teacher.onnx --data examples/digits/val
       calibrate-teacher fit --logits val.safetensors --objective nll --json
+      calibrate-teacher fit teacher.onnx --logits val.safetensors --objective paper
       calibrate-teacher fit teacher.onnx --logits val.safetensors --temperature 1.5 --out teacher.t15.onnx
       calibrate-teacher fit teacher.onnx --data val/ --save-logits val.safetensors --report fit.json
     """
@@ -91,7 +93,7 @@ def fit(
     from calibrate_teacher.temperature import OBJECTIVES
 
     if objective not in OBJECTIVES or objective == "fixed":
-        raise typer.BadParameter(f"--objective must be one of nll, ece, adaece, ace; got {objective!r}")
+        raise typer.BadParameter(f"--objective must be one of nll, ece, adaece, ace, paper; got {objective!r}")
     if out is not None and teacher is None:
         raise typer.BadParameter("--out needs a TEACHER model to bake")
     overrides = do.preprocess_overrides(
