@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from calibrate_teacher.errors import CacheError, InvalidValueError
 from calibrate_teacher.soft_labels.reader import SoftLabelCache
@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 __all__ = ["SoftLabelDataset", "kd_loss"]
 
 Item = TypeVar("Item", covariant=True)
+_T = TypeVar("_T", covariant=True)
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset as _DatasetBase
+else:  # torch is imported lazily; at run time a DataLoader only needs len() and [i]
+
+    class _DatasetBase(Generic[_T]):
+        pass
 
 
 class IndexableDataset(Protocol[Item]):
@@ -95,7 +103,7 @@ def kd_loss(
     return alpha * soft + (1.0 - alpha) * hard
 
 
-class SoftLabelDataset(Generic[Item]):
+class SoftLabelDataset(_DatasetBase[Any], Generic[Item]):
     """Wrap an indexable dataset so each item also carries the teacher's calibrated logits.
 
     Item ``i`` of the base dataset must be row ``i`` of the cache (same samples, same order);
