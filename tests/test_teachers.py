@@ -311,3 +311,25 @@ def test_cuda_teachers_match_the_reference(files, net, fmt):
     with torch.no_grad():
         expected = net(x)
     torch.testing.assert_close(teacher.logits(x.cuda()).cpu(), expected, atol=1e-4, rtol=0)
+
+
+class _Fixed16(torch.nn.Module):
+    """A conv net that only runs on 1 x 16 x 16 inputs (a Linear over the flattened map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = torch.nn.Linear(2 * 16 * 16, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_torchscript_input_size_comes_from_the_preprocess_sidecar(tmp_path):
+    path = fx.save_torchscript(_Fixed16().eval(), tmp_path / "m.pt")
+    with pytest.raises(TeacherError, match="cannot work out the input shape"):
+        load_teacher(path, device="cpu")
+    (tmp_path / "m.preprocess.json").write_text('{"input_size": [1, 16, 16]}')
+    teacher = load_teacher(path, device="cpu")
+    assert teacher.num_classes == 4
+    assert teacher.logits(torch.zeros(3, 1, 16, 16)).shape == (3, 4)

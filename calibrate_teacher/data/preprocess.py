@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calibrate_teacher.errors import InputError, InvalidValueError
+from calibrate_teacher.errors import CalibrateTeacherError, InputError, InvalidValueError
 
 if TYPE_CHECKING:
     from calibrate_teacher.teachers.base import InputSpec
@@ -334,6 +334,23 @@ def _spec_input_size(spec: InputSpec | None) -> list[int] | None:
     if any(d is None for d in dims) or dims[0] not in (1, 3):
         return None
     return [int(d) for d in dims if d is not None]
+
+
+def sidecar_input_size(model_path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """The ``input_size`` of the preprocessing sidecar beside a model, if there is a valid one.
+
+    TorchScript files and state dicts do not record their input shape; their loaders ask here
+    before guessing. A missing or unreadable sidecar gives None (the data step reports it).
+    """
+    file = _find_sidecar(model_path)
+    if file is None:
+        return None
+    try:
+        size = _read_file(file).get("input_size")
+        dims = tuple(int(d) for d in _as_list(size, "input_size")) if size is not None else ()  # type: ignore[call-overload]
+    except (CalibrateTeacherError, TypeError, ValueError):
+        return None
+    return dims if len(dims) == 3 and all(d > 0 for d in dims) else None
 
 
 def _find_sidecar(model_path: str | os.PathLike[str] | None) -> Path | None:

@@ -187,15 +187,19 @@ def guess_sample(module: torch.nn.Module, run: ModuleFn, *, file: Path) -> torch
     """Find an input the model accepts, from the type and shape of its first layer.
 
     TorchScript files and bare state dicts do not record their input shape, so we read the
-    first Conv/Linear/Embedding layer and try common sizes (32, 224, 28, 64, 96, 299 pixels).
+    first Conv/Linear/Embedding layer and try the preprocessing sidecar's ``input_size`` (when
+    there is one beside the model), then common sizes (32, 224, 28, 64, 96, 299 pixels).
 
     Raises:
         TeacherError: no first layer we recognise, or no tried size runs.
     """
     import torch
 
+    from calibrate_teacher.data.preprocess import sidecar_input_size
+
     candidates: list[torch.Tensor] = []
     first = "none"
+    hint = sidecar_input_size(file)  # the preprocessing sidecar's (C, H, W), when there is one
     for name, sub in module.named_modules():
         kind = getattr(sub, "original_name", type(sub).__name__)
         weight = getattr(sub, "weight", None)
@@ -207,6 +211,8 @@ def guess_sample(module: torch.nn.Module, run: ModuleFn, *, file: Path) -> torch
             groups = int(getattr(sub, "groups", 1))
             channels = int(weight.shape[1]) * groups
             spatial = weight.ndim - 2
+            if hint is not None and spatial == 2 and hint[0] == channels:
+                candidates.append(torch.zeros((2, *hint), dtype=dtype))
             for size in _IMAGE_SIZES if spatial == 2 else (64, 16, 224):
                 candidates.append(torch.zeros((2, channels, *([size] * spatial)), dtype=dtype))
         elif kind == "Linear" and weight.ndim == 2:
