@@ -17,8 +17,9 @@ import time
 
 import torch
 
+from calibrate_teacher._passes import ShiftedLogits
 from calibrate_teacher.metrics import calibration_metrics
-from calibrate_teacher.temperature import _fit_nll, _grid, _Prepared, _search, fit_temperature
+from calibrate_teacher.temperature import _fit_nll, _grid, _point, _search, fit_temperature
 
 
 def make_logits(n: int, c: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +71,12 @@ def main() -> None:
     floor, _ = timed(lambda: torch.logsumexp(logits, dim=1), max(args.repeat, 5))
 
     def nll_fit() -> float:
-        return _fit_nll(_Prepared(logits, labels), 0.05, 20.0, 1e-5)[0]
+        return _fit_nll(ShiftedLogits(logits, labels), 0.05, 20.0, 1e-5)[0]
 
     def ece_search() -> float:
-        prepared = _Prepared(logits, labels)
+        prepared = ShiftedLogits(logits, labels)
         temps = _grid(0.05, 20.0, 64)
-        points = tuple(prepared.point(t, 15) for t in temps)
+        points = tuple(_point(prepared, t, 15) for t in temps)
         return _search(prepared, "ece", points, 0.05, 20.0, 15, 1e-5)[0]
 
     calm = torch.randn(args.n, args.classes, generator=torch.Generator().manual_seed(1))

@@ -35,7 +35,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from calibrate_teacher import _binning
+from calibrate_teacher import _binning, _passes
+from calibrate_teacher._passes import logit_columns, logit_rows, prob_columns, prob_rows
 from calibrate_teacher.errors import InvalidValueError
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ __all__ = [
 ]
 
 TACE_THRESHOLD = 0.01
-#: Elements of float64 work per row chunk: small enough to stay in a CPU's cache.
-CHUNK_ELEMENTS = 1 << 16
-#: Elements per column block of ACE/TACE (each sorted along N): bounds memory at ~200 MB.
-COLUMN_ELEMENTS = 1 << 22
 
 DEFINITIONS: dict[str, str] = {
     "accuracy": "fraction of samples whose top-1 prediction equals the label",
@@ -179,7 +176,7 @@ def calibration_metrics(
     _check_options(n_bins=n_bins, bootstrap=bootstrap)
     if not (math.isfinite(temperature) and temperature > 0):
         raise InvalidValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return _compute(_logit_chunks(logits, temperature), logits, labels, n_bins, bootstrap, seed,
+    return _compute(logit_rows(logits, temperature), logits, labels, n_bins, bootstrap, seed,
                     temperature=temperature)
 
 
@@ -200,7 +197,7 @@ def calibration_metrics_from_probs(
     """
     _validate_probs(probs, labels)
     _check_options(n_bins=n_bins, bootstrap=bootstrap)
-    return _compute(_prob_chunks(probs), probs, labels, n_bins, bootstrap, seed, temperature=None)
+    return _compute(prob_rows(probs), probs, labels, n_bins, bootstrap, seed, temperature=None)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> float:
@@ -232,7 +229,7 @@ def adaptive_calibration_error(
     _validate_probs(probs, labels)
     _check_options(n_bins=n_bins, bootstrap=0)
     if threshold is None or threshold == TACE_THRESHOLD:
-        ace, tace = _class_equal_mass(_prob_columns(probs), labels, n_bins)
+        ace, tace = _class_equal_mass(prob_columns(probs), labels, n_bins)
         return ace if threshold is None else tace
     values = probs.to(torch.float64).T.contiguous()
     hits = (labels[None, :] == torch.arange(probs.shape[1])[:, None]).to(torch.float64)
@@ -248,8 +245,8 @@ def adaptive_calibration_error_of_logits(
     """ACE of ``softmax(logits / temperature)`` without materialising all the probabilities."""
     import torch
 
-    lse = torch.cat([chunk[2] for chunk in _logit_chunks(logits, temperature) if chunk[2] is not None])
-    return _class_equal_mass(_logit_columns(logits, temperature, lse), labels, n_bins)[0]
+    lse = torch.cat([chunk[2] for chunk in logit_rows(logits, temperature) if chunk[2] is not None])
+    return _class_equal_mass(logit_columns(logits, temperature, lse), labels, n_bins)[0]
 
 
 def classwise_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> float:
@@ -285,61 +282,6 @@ def _validate_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
         raise InvalidValueError(f"probs: rows must sum to 1, found a row off by {worst:.3g}")
 
 
-def _rows_per_chunk(num_classes: int) -> int:
-    return max(1, CHUNK_ELEMENTS // num_classes)
-
-
-Chunk = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]
-
-
-def _logit_chunks(logits: torch.Tensor, temperature: float) -> Iterator[Chunk]:
-    """Yield ``(log_probs, probs, logsumexp)`` float64 row chunks of ``softmax(logits / T)``."""
-    import torch
-
-    step = _rows_per_chunk(logits.shape[1])
-    for start in range(0, logits.shape[0], step):
-        z = logits[start : start + step].to(torch.float64) / temperature
-        lse = torch.logsumexp(z, dim=1, keepdim=True)
-        log_p = z - lse
-        yield log_p, _exp(log_p), lse.squeeze(1)
-
-
-def _exp(log_p: torch.Tensor) -> torch.Tensor:
-    """``exp`` with inputs floored at -708, below which float64 results are subnormal.
-
-    Subnormals are ~50x slower on x86 CPUs, and probabilities under 1e-307 change no sum.
-    """
-    return log_p.clamp(min=-708.0).exp()
-
-
-def _prob_chunks(probs: torch.Tensor) -> Iterator[Chunk]:
-    import torch
-
-    tiny = torch.finfo(torch.float64).tiny
-    step = _rows_per_chunk(probs.shape[1])
-    for start in range(0, probs.shape[0], step):
-        p = probs[start : start + step].to(torch.float64)
-        yield p.clamp_min(tiny).log(), p, None
-
-
-def _prob_columns(probs: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first_class, p[:, cols].T)`` float64 column blocks ``[cols, N]``."""
-    import torch
-
-    step = max(1, COLUMN_ELEMENTS // probs.shape[0])
-    for start in range(0, probs.shape[1], step):
-        yield start, probs[:, start : start + step].to(torch.float64).T.contiguous()
-
-
-def _logit_columns(logits: torch.Tensor, temperature: float, lse: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    import torch
-
-    step = max(1, COLUMN_ELEMENTS // logits.shape[0])
-    for start in range(0, logits.shape[1], step):
-        z = logits[:, start : start + step].to(torch.float64) / temperature
-        yield start, _exp(z - lse[:, None]).T.contiguous()
-
-
 def _class_equal_mass(
     columns: Iterator[tuple[int, torch.Tensor]],
     labels: torch.Tensor,
@@ -371,7 +313,7 @@ def _class_equal_mass(
 
 
 def _compute(
-    chunks: Iterator[Chunk],
+    chunks: Iterator[_passes.Chunk],
     source: torch.Tensor,
     labels: torch.Tensor,
     n_bins: int,
@@ -449,8 +391,8 @@ def _compute(
     # Class-conditional, equal-mass (ACE, TACE).
     def columns() -> Iterator[tuple[int, torch.Tensor]]:
         if temperature is None:
-            return _prob_columns(source)
-        return _logit_columns(source, temperature, torch.cat(lses))
+            return prob_columns(source)
+        return logit_columns(source, temperature, torch.cat(lses))
 
     from calibrate_teacher._bootstrap import AceBootstrap, bootstrap_ece
 

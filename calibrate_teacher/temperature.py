@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 from calibrate_teacher import _binning
+from calibrate_teacher._passes import ShiftedLogits
 from calibrate_teacher.errors import InvalidValueError
 from calibrate_teacher.metrics import (
     DEFINITIONS,
@@ -36,7 +37,7 @@ from calibrate_teacher.metrics import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
 
     import torch
 
@@ -54,8 +55,6 @@ Objective = Literal["nll", "ece", "adaece", "ace", "paper", "fixed"]
 OBJECTIVES: tuple[str, ...] = ("nll", "ece", "adaece", "ace", "paper", "fixed")
 PAPER_DEFAULT_T = 1.5
 PAPER_RANGE = (1.5, 3.0)
-#: Elements per row chunk: small enough to stay in a CPU's cache across in-place operations.
-_ROW_ELEMENTS = 1 << 16
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -193,9 +192,9 @@ def fit_temperature(
         raise InvalidValueError(f"grid must be at least 2 temperatures, got {grid}")
     if temperature is not None and objective != "fixed":
         raise InvalidValueError("a temperature is given only with objective='fixed'")
-    prepared = _Prepared(logits, labels)
+    prepared = ShiftedLogits(logits, labels)
     temps = _grid(lo, hi, grid)
-    points = tuple(prepared.point(t, n_bins) for t in temps)
+    points = tuple(_point(prepared, t, n_bins) for t in temps)
     value: float | None
     if objective == "fixed":
         t = PAPER_DEFAULT_T if temperature is None else float(temperature)
@@ -204,10 +203,10 @@ def fit_temperature(
         value, iterations, passes = None, 0, 0
     elif objective == "nll":
         t, iterations, passes = _fit_nll(prepared, lo, hi, tol)
-        value = prepared.point(t, n_bins).nll
+        value = _point(prepared, t, n_bins).nll
     elif objective == "paper":
         p_lo, p_hi = PAPER_RANGE
-        paper_points = tuple(prepared.point(t, n_bins) for t in _grid(p_lo, p_hi, 16))
+        paper_points = tuple(_point(prepared, t, n_bins) for t in _grid(p_lo, p_hi, 16))
         t, value, iterations, passes = _search(prepared, "ece", paper_points, p_lo, p_hi, n_bins, tol)
     else:
         t, value, iterations, passes = _search(prepared, objective, points, lo, hi, n_bins, tol)
@@ -245,8 +244,8 @@ def sweep(
     for t in temperatures:
         if not (math.isfinite(t) and t > 0):
             raise InvalidValueError(f"temperatures must be finite and > 0, got {t}")
-    prepared = _Prepared(logits, labels)
-    return tuple(prepared.point(float(t), n_bins) for t in temperatures)
+    prepared = ShiftedLogits(logits, labels)
+    return tuple(_point(prepared, float(t), n_bins) for t in temperatures)
 
 
 # --- internals ---------------------------------------------------------------------------
@@ -266,85 +265,22 @@ def _grid(lo: float, hi: float, size: int) -> list[float]:
     return sorted(temps)
 
 
-class _Prepared:
-    """Logits shifted by their row maximum (float32) and what every pass needs.
-
-    Passes run over cache-sized row chunks with in-place operations on one buffer: on a CPU this
-    is about twice as fast as one ``torch.logsumexp`` over the whole matrix.
-    """
-
-    def __init__(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        import torch
-
-        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        z = logits.to(work)
-        self.shifted = z - z.max(dim=1, keepdim=True).values  # row max is exactly 0
-        self.labels = labels.to(device=z.device, dtype=torch.int64)
-        self.label_logit = self.shifted.gather(1, self.labels[:, None]).squeeze(1).to(torch.float64)
-        # argmax ties resolve to the first index, as torch.argmax and numpy do
-        self.correct = (z.argmax(dim=1) == self.labels).to(torch.float64)
-        self.n = z.shape[0]
-        self.step = max(1, _ROW_ELEMENTS // z.shape[1])
-        self._buffer = torch.empty(self.step * z.shape[1], dtype=work, device=z.device)
-        # exp() of inputs below this gives subnormals, which are 50x slower on x86 CPUs;
-        # the terms are < 1e-37 of the row's largest term (1), so flooring them changes no sum.
-        self._floor = -87.0 if work == torch.float32 else -708.0
-
-    def _chunks(self, rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        for start in range(0, rows.shape[0], self.step):
-            z = rows[start : start + self.step]
-            yield start, z, self._buffer[: z.numel()].view_as(z)
-
-    def newton_terms(self, beta: float, stride: int = 1) -> tuple[float, float]:
-        """Gradient and curvature of the mean NLL in ``beta`` (one pass; every ``stride``-th row)."""
-        import torch
-
-        rows = self.shifted[::stride] if stride > 1 else self.shifted
-        label_logit = self.label_logit[::stride] if stride > 1 else self.label_logit
-        m1s, m2s = [], []
-        for _, z, buf in self._chunks(rows):
-            torch.mul(z, beta, out=buf)
-            buf.clamp_min_(self._floor).exp_()
-            s = buf.sum(dim=1)
-            buf.mul_(z)
-            m1 = buf.sum(dim=1) / s
-            buf.mul_(z)
-            m1s.append(m1)
-            m2s.append(buf.sum(dim=1) / s)
-        m1 = torch.cat(m1s).to(torch.float64)
-        m2 = torch.cat(m2s).to(torch.float64)
-        count = rows.shape[0]
-        grad = float((m1 - label_logit).sum()) / count
-        curv = float((m2 - m1 * m1).clamp_min(0).sum()) / count
-        return grad, curv
-
-    def confidence(self, temperature: float) -> torch.Tensor:
-        """Top-label confidence per row at ``temperature`` (float64; the top class has e = 1)."""
-        import torch
-
-        sums = []
-        for _, z, buf in self._chunks(self.shifted):
-            torch.mul(z, 1.0 / temperature, out=buf)
-            buf.clamp_min_(self._floor).exp_()
-            sums.append(buf.sum(dim=1))
-        return 1.0 / torch.cat(sums).to(torch.float64)
-
-    def point(self, temperature: float, n_bins: int) -> SweepPoint:
-        conf = self.confidence(temperature)
-        # -log p_y = log S - beta * z_y, with S = 1 / conf
-        nll = -conf.log() - self.label_logit / temperature
-        over, under, mce = _top_label_ece(conf, self.correct, n_bins)
-        _, a_conf, a_hits, _, _ = _binning.equal_mass_bins(conf[None, :], self.correct[None, :], n_bins)
-        return SweepPoint(
-            temperature=temperature,
-            nll=float(nll.mean()),
-            confidence=float(conf.mean()),
-            ece=over + under,
-            ece_over=over,
-            ece_under=under,
-            mce=mce,
-            adaece=float((a_hits - a_conf).abs().sum()) / self.n,
-        )
+def _point(shifted: ShiftedLogits, temperature: float, n_bins: int) -> SweepPoint:
+    conf = shifted.confidence(temperature)
+    # -log p_y = log S - beta * z_y, with S = 1 / conf
+    nll = -conf.log() - shifted.label_logit / temperature
+    over, under, mce = _top_label_ece(conf, shifted.correct, n_bins)
+    _, a_conf, a_hits, _, _ = _binning.equal_mass_bins(conf[None, :], shifted.correct[None, :], n_bins)
+    return SweepPoint(
+        temperature=temperature,
+        nll=float(nll.mean()),
+        confidence=float(conf.mean()),
+        ece=over + under,
+        ece_over=over,
+        ece_under=under,
+        mce=mce,
+        adaece=float((a_hits - a_conf).abs().sum()) / shifted.n,
+    )
 
 
 def _top_label_ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> tuple[float, float, float]:
@@ -360,7 +296,7 @@ def _top_label_ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> tu
     return float(gap.clamp_min(0).sum()) / n, float((-gap).clamp_min(0).sum()) / n, mce
 
 
-def _fit_nll(prepared: _Prepared, lo: float, hi: float, tol: float) -> tuple[float, int, int]:
+def _fit_nll(prepared: ShiftedLogits, lo: float, hi: float, tol: float) -> tuple[float, int, int]:
     """Safeguarded Newton on beta = 1/T; returns (T, Newton steps, full passes)."""
     b_lo, b_hi = 1.0 / hi, 1.0 / lo
     steps = passes = 0
@@ -397,7 +333,7 @@ def _fit_nll(prepared: _Prepared, lo: float, hi: float, tol: float) -> tuple[flo
 
 
 def _search(
-    prepared: _Prepared,
+    prepared: ShiftedLogits,
     objective: str,
     points: tuple[SweepPoint, ...],
     lo: float,
@@ -413,7 +349,7 @@ def _search(
         evals += 1
         if objective == "ace":
             return adaptive_calibration_error_of_logits(prepared.shifted, prepared.labels, t, n_bins)
-        p = prepared.point(t, n_bins)
+        p = _point(prepared, t, n_bins)
         return p.ece if objective == "ece" else p.adaece
 
     temps = [p.temperature for p in points]

@@ -86,10 +86,10 @@ def test_temperature_divides_logits():
 def test_chunking_does_not_change_results(monkeypatch):
     logits, labels = _random_logits(300, 9, 5)
     whole = calibration_metrics(logits, labels)
-    import calibrate_teacher.metrics as metrics
+    import calibrate_teacher._passes as passes
 
-    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 40)  # a few rows per chunk
-    monkeypatch.setattr(metrics, "COLUMN_ELEMENTS", 700)  # two classes per column block
+    monkeypatch.setattr(passes, "CHUNK_ELEMENTS", 40)  # a few rows per chunk
+    monkeypatch.setattr(passes, "COLUMN_ELEMENTS", 700)  # two classes per column block
     chunked = calibration_metrics(logits, labels)
     for key in ("ece", "mce", "adaece", "ace", "tace", "classwise_ece", "nll", "brier"):
         assert getattr(chunked, key) == pytest.approx(getattr(whole, key), abs=1e-13), key
