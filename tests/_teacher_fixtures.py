@@ -182,3 +182,25 @@ def save_safetensors(module: torch.nn.Module, path: Path) -> Path:
         {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}, str(path)
     )
     return path
+
+
+ARCH = f"{FIXTURES_FILE}:tiny_net"
+FORMATS = ["onnx", "torchscript", "safetensors", "state_dict", "export"]
+
+
+def arch_for(fmt: str) -> str | None:
+    """The ``--arch`` a format needs: only weights-only formats do."""
+    return ARCH if fmt in ("safetensors", "state_dict") else None
+
+
+def save_every_format(net: torch.nn.Module, d: Path) -> dict[str, Path]:
+    """The same tiny teacher in every format (built once per module: torch.export takes a second)."""
+    torch.save(net.state_dict(), d / "state.pth")
+    return {
+        "onnx": save_onnx(onnx_model(net), d / "tiny.onnx"),
+        "torchscript": save_torchscript(net, d / "tiny.pt"),
+        "safetensors": save_safetensors(net, d / "tiny.safetensors"),
+        "state_dict": d / "state.pth",
+        "export": save_export(net, d / "tiny.pt2", inputs(3)),
+    }
+

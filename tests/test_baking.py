@@ -23,8 +23,7 @@ from calibrate_teacher.cli import main
 from calibrate_teacher.errors import BakeError, InvalidValueError, OutputExistsError
 from calibrate_teacher.teachers import load_teacher
 
-ARCH = f"{fx.FIXTURES_FILE}:tiny_net"
-FORMATS = ["onnx", "torchscript", "safetensors", "state_dict", "export"]
+ARCH, FORMATS, arch_for = fx.ARCH, fx.FORMATS, fx.arch_for
 T = 2.5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -36,19 +35,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, net):
-    d = tmp_path_factory.mktemp("teachers")
-    torch.save(net.state_dict(), d / "state.pth")
-    return {
-        "onnx": fx.save_onnx(fx.onnx_model(net), d / "tiny.onnx"),
-        "torchscript": fx.save_torchscript(net, d / "tiny.pt"),
-        "safetensors": fx.save_safetensors(net, d / "tiny.safetensors"),
-        "state_dict": d / "state.pth",
-        "export": fx.save_export(net, d / "tiny.pt2", fx.inputs(3)),
-    }
-
-
-def arch_for(fmt):
-    return ARCH if fmt in ("safetensors", "state_dict") else None
+    return fx.save_every_format(net, tmp_path_factory.mktemp("teachers"))
 
 
 def listing(d: Path):

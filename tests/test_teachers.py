@@ -17,8 +17,7 @@ from calibrate_teacher.teachers import _onnx as onnx_backend
 from calibrate_teacher.teachers._files import detect_format
 from calibrate_teacher.teachers.base import Teacher
 
-ARCH = f"{fx.FIXTURES_FILE}:tiny_net"
-FORMATS = ["onnx", "torchscript", "safetensors", "state_dict", "export"]
+ARCH, FORMATS, arch_for = fx.ARCH, fx.FORMATS, fx.arch_for
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -29,20 +28,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, net):
-    """The same tiny teacher in every format (built once: torch.export takes a second)."""
-    d = tmp_path_factory.mktemp("teachers")
-    torch.save(net.state_dict(), d / "state.pth")
-    return {
-        "onnx": fx.save_onnx(fx.onnx_model(net), d / "tiny.onnx"),
-        "torchscript": fx.save_torchscript(net, d / "tiny.pt"),
-        "safetensors": fx.save_safetensors(net, d / "tiny.safetensors"),
-        "state_dict": d / "state.pth",
-        "export": fx.save_export(net, d / "tiny.pt2", fx.inputs(3)),
-    }
-
-
-def arch_for(fmt):
-    return ARCH if fmt in ("safetensors", "state_dict") else None
+    return fx.save_every_format(net, tmp_path_factory.mktemp("teachers"))
 
 
 def one_line(exc_info):
