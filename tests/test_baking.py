@@ -25,7 +25,7 @@ from calibrate_teacher.teachers import load_teacher
 
 ARCH, FORMATS, arch_for = fx.ARCH, fx.FORMATS, fx.arch_for
 T = 2.5
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.gpu  # auto-skipped without CUDA (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

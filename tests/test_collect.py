@@ -193,7 +193,7 @@ def test_half_precision_teacher_gives_float32_logits(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_teacher_gets_pinned_batches_and_same_logits(folder, tmp_path):
     module = make_module(3 * 8 * 8)
     cpu = ModuleTeacher(module, tmp_path / "t.pt")

@@ -183,7 +183,6 @@ def test_any_float_dtype_is_accumulated_in_float64(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_give_the_cpu_result():
     logits, labels = _random_logits(500, 10, 8)
     cpu = calibration_metrics(logits, labels, bootstrap=50)

@@ -18,7 +18,7 @@ from calibrate_teacher.teachers._files import detect_format
 from calibrate_teacher.teachers.base import Teacher
 
 ARCH, FORMATS, arch_for = fx.ARCH, fx.FORMATS, fx.arch_for
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.gpu  # auto-skipped without CUDA (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

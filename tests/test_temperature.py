@@ -183,7 +183,6 @@ def test_bad_arguments(kwargs, message):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fit_matches_cpu():
     logits, labels = _data(2000, 10, 10)
     cpu = fit_temperature(logits, labels, objective="nll")
