@@ -81,3 +81,22 @@ def test_corrupt_image_fails_or_is_skipped(cli, digits):
     doc = json.loads(out)
     assert [s["key"] for s in doc["source"]["skipped"]] == ["3/broken.png"]
     assert doc["metrics"]["num_samples"] == 1201
+
+
+def test_example_generator_rebuilds_a_working_teacher(tmp_path, cli):
+    """examples/make_digits_teacher.py runs offline and its outputs load in every format."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "digits"
+    done = subprocess.run([sys.executable, str(EXAMPLE.parent / "make_digits_teacher.py"), "--out", str(out),
+                           "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "val").is_dir() and (out / "train").is_dir()
+    x = torch.randn(3, 1, 16, 16)
+    reference = load_teacher(out / "teacher.onnx").logits(x)
+    assert torch.allclose(load_teacher(out / "teacher.pt").logits(x), reference, atol=1e-4)
+    via_arch = load_teacher(out / "teacher.safetensors", arch=f"{EXAMPLE / 'digits_arch.py'}:digits_cnn")
+    assert torch.allclose(via_arch.logits(x), reference, atol=1e-4)
+    code, _, err = cli("evaluate", out / "teacher.onnx", "--data", out / "val", "--bootstrap", "0", "--json")
+    assert code == 0, err

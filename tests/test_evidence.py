@@ -65,9 +65,11 @@ def test_tiny_run_prints_the_table(tmp_path, capsys):
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
     out = capsys.readouterr().out
-    assert "| teacher | recipe | acc | ECE 1 → fit |" in out
+    assert "| teacher | recipe | acc | ECE 1 → fit / policy |" in out
+    assert "| Δ fit − raw | T policy | policy | Δ policy − raw |" in out
+    assert "| policy (objective paper: ECE within 1.5–3.0) |" in out
     assert "| raw teachers (n = 3) |" in out
-    assert "| all teacher × T points (n = 9) |" in out
+    assert "| all teacher × T points (n = 12) |" in out
     assert "KD: tau = 4, alpha = 0.9; 2 student seeds per arm" in out
 
 
@@ -80,7 +82,17 @@ def test_caches_hold_each_teacher_at_its_arm_temperature(tiny_run):
             labels = arrays["labels"]
         for t in ds["teachers"]:
             fitted = json.loads((work / f"{t['name']}.fit.json").read_text(encoding="utf-8"))
-            expected = {"raw": 1.0, "paper": 1.5, "fit": fitted["temperature"]}
+            policy = json.loads((work / f"{t['name']}.policy.json").read_text(encoding="utf-8"))
+            assert (fitted["objective"], policy["objective"]) == ("ece", "paper")
+            # The policy never sharpens: its T lies in the paper's robust range.
+            assert 1.5 <= policy["temperature"] <= 3.0
+            assert policy["paper"]["position"] == "within" and not policy["paper"]["sharpens"]
+            # It minimises ECE over a range that holds 1.5, so it does no worse than T = 1.5
+            # (both measured on val by calibration_metrics in the run).
+            arms = t["arms"]
+            assert arms["policy"]["teacher_val"]["ece"] <= arms["paper"]["teacher_val"]["ece"] + 1e-9
+            expected = {"raw": 1.0, "paper": 1.5, "fit": fitted["temperature"],
+                        "policy": policy["temperature"]}
             teacher = torch.export.load(str(work / f"{t['name']}.pt2")).module()
             with torch.no_grad():
                 logits = teacher(inputs)
@@ -88,29 +100,35 @@ def test_caches_hold_each_teacher_at_its_arm_temperature(tiny_run):
                 assert t["arms"][arm]["temperature"] == temperature
                 cache = SoftLabelCache(work / f"{t['name']}-{arm}")
                 assert cache.temperature == temperature
-                assert cache.manifest.calibration.method == ("fit" if arm == "fit" else "fixed")
+                calibration = cache.manifest.calibration
+                fitted_arm = arm in ("fit", "policy")
+                assert calibration.method == ("fit" if fitted_arm else "fixed")
+                assert calibration.objective == {"fit": "ece", "policy": "paper"}.get(arm)
+                assert calibration.report == (f"{t['name']}.{arm}.json" if fitted_arm else None)
                 np.testing.assert_array_equal(cache.labels.numpy(), labels)
                 stored = cache.logits()[:]
                 # fp16 storage: relative precision 2^-11
                 torch.testing.assert_close(stored, logits / temperature, rtol=2e-3, atol=2e-3)
 
 
-def test_the_commands_write_the_same_soft_labels(tiny_run):
+@pytest.mark.parametrize(("arm", "objective"), [("fit", []), ("policy", ["--objective", "paper"])])
+def test_the_commands_write_the_same_soft_labels(tiny_run, arm, objective):
     # examples/evidence/README.md lists the commands equivalent to the API calls the script makes.
     import subprocess
 
     tmp, _ = tiny_run
     work = tmp / "work" / "synth100"
-    out = tmp / "cli"
+    out = tmp / f"cli-{arm}"
     out.mkdir()
-    for args in (["fit", str(work / "S1.pt2"), "--data", str(work / "val.npz"),
+    for args in (["fit", str(work / "S1.pt2"), "--data", str(work / "val.npz"), *objective,
                   "--report", str(out / "fit.json"), "--no-bake"],
                  ["export-soft-labels", str(work / "S1.pt2"), "--data", str(work / "train.npz"),
                   "--out", str(out / "cache"), "--from-report", str(out / "fit.json")]):
         done = subprocess.run([sys.executable, "-m", "calibrate_teacher", *args],
                               capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, done.stderr
-    ours, theirs = SoftLabelCache(work / "S1-fit"), SoftLabelCache(out / "cache")
+    ours, theirs = SoftLabelCache(work / f"S1-{arm}"), SoftLabelCache(out / "cache")
+    assert theirs.manifest.calibration.objective == ours.manifest.calibration.objective
     assert theirs.temperature == ours.temperature
     assert theirs.keys == ours.keys
     assert torch.equal(theirs.logits()[:], ours.logits()[:])
@@ -121,27 +139,36 @@ def test_reported_statistics_match_the_per_seed_numbers(tiny_run):
     summary = evidence_stats.summarise(results)
     for name, ds in results["datasets"].items():
         test_size = ds["sizes"]["test"]
-        per_teacher = {"paper": [], "fit": []}
+        per_teacher = {"paper": [], "fit": [], "policy": []}
         for t, s in zip(ds["teachers"], summary[name]["teachers"], strict=True):
             raw = t["arms"]["raw"]["student_accuracy"]
             assert len(raw) == len(results["seeds"]) == 2
-            for arm in ("raw", "paper", "fit"):
+            for arm in ("raw", "paper", "fit", "policy"):
                 accs = t["arms"][arm]["student_accuracy"]
                 for a in accs:  # a fraction of the test set, nothing interpolated
                     assert 0.0 <= a <= 1.0
                     assert a * test_size == pytest.approx(round(a * test_size), abs=1e-9)
                 assert s["arms"][arm]["student"][0] == pytest.approx(sum(accs) / len(accs))
-            for arm in ("paper", "fit"):
+            for arm in ("paper", "fit", "policy"):
                 accs = t["arms"][arm]["student_accuracy"]
                 diffs = [accs[i] - raw[i] for i in range(len(raw))]
                 mean = sum(diffs) / len(diffs)
                 assert s["arms"][arm]["vs_raw"][0] == pytest.approx(mean, abs=1e-12)
-                per_teacher[arm].append(mean)
-        for arm, means in per_teacher.items():
-            got = summary[name]["pooled"][arm]["mean_diff"][0]
-            assert got == pytest.approx(sum(means) / len(means), abs=1e-12)
+                # Two seeds: the 95 % t half-width is t(0.975, 1) * |d1 - d2| / 2.
+                half = 12.706204736174707 * abs(diffs[0] - diffs[1]) / 2
+                assert s["arms"][arm]["vs_raw"][1:] == pytest.approx(
+                    (mean - half, mean + half), abs=1e-12)
+                per_teacher[arm].append((mean, mean - half, mean + half))
+        for arm, rows in per_teacher.items():
+            pooled = summary[name]["pooled"][arm]
+            means = [m for m, _, _ in rows]
+            assert pooled["mean_diff"][0] == pytest.approx(sum(means) / len(means), abs=1e-12)
+            assert pooled["better"] == sum(lo > 0 for _, lo, _ in rows)
+            assert pooled["worse"] == sum(hi < 0 for _, _, hi in rows)
+            assert pooled["teachers"] == len(rows) == 3
         # R² of student accuracy against teacher ECE / signed gap over every teacher x T point.
-        points = [t["arms"][a] for t in ds["teachers"] for a in ("raw", "paper", "fit")]
+        points = [t["arms"][a] for t in ds["teachers"] for a in ("raw", "paper", "fit", "policy")]
+        assert len(points) == 12
         ys = [float(np.mean(p["student_accuracy"])) for p in points]
         ece = [p["teacher_val"]["ece"] for p in points]
         gap = [p["teacher_val"]["confidence"] - p["teacher_val"]["accuracy"] for p in points]

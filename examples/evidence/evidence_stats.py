@@ -16,8 +16,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-ARMS = ("raw", "paper", "fit")
-ARM_TITLES = {"raw": "raw (T = 1)", "paper": "paper (T = 1.5)", "fit": "fit (T = fitted, ECE)"}
+ARMS = ("raw", "paper", "fit", "policy")
+#: The arms compared with raw, in table and plot order.
+TREATED = ARMS[1:]
+ARM_TITLES = {"raw": "raw (T = 1)", "paper": "paper (T = 1.5)", "fit": "fit (T = fitted, ECE)",
+              "policy": "policy (objective paper: ECE within 1.5–3.0)"}
 #: Teacher quantities regressed against student accuracy: ECE and ACE at the arm's T (the
 #: paper's analysis), the teacher's accuracy, and the signed gap confidence - accuracy at T
 #: (positive: overconfident), which ECE's absolute value cannot tell apart.
@@ -110,7 +113,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                              "confidence": t["val"]["confidence"], "train": t["train"],
                              "arms": arms})
         pooled = {}
-        for arm in ("paper", "fit"):
+        for arm in TREATED:
             # One number per teacher (its mean paired difference); the interval is across teachers.
             per_teacher = [t["arms"][arm]["vs_raw"][0] for t in teachers]
             pooled[arm] = {"mean_diff": t_interval(per_teacher),
@@ -174,21 +177,26 @@ def markdown_tables(summary: dict[str, Any]) -> str:
             f"Student: {ds['student']}. Student test accuracy (%) is the mean ± 95 % "
             f"t-interval over {seeds} student seeds; Δ is the paired difference vs raw (same "
             "seeds), with its 95 % t-interval, in percentage points. Teacher accuracy, ECE "
-            "(T = 1 → T fit) and ACE (T = 1) are on val.",
+            "(T = 1 → T fit / T policy) and ACE (T = 1) are on val. T policy is the T of "
+            "objective `paper`: ECE minimised within the paper's range 1.5–3.0.",
             "",
-            "| teacher | recipe | acc | ECE 1 → fit | ACE | side | T fit | raw (T = 1) "
-            "| T = 1.5 | Δ 1.5 − raw | T fit | Δ fit − raw |",
-            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| teacher | recipe | acc | ECE 1 → fit / policy | ACE | side | T fit | raw (T = 1) "
+            "| T = 1.5 | Δ 1.5 − raw | T fit | Δ fit − raw | T policy | policy "
+            "| Δ policy − raw |",
+            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for t in ds["teachers"]:
             a = t["arms"]
             lines.append(
                 f"| {t['name']} | {t['recipe']} | {_pct(t['accuracy'])} "
-                f"| {a['raw']['teacher_ece']:.3f} → {a['fit']['teacher_ece']:.3f} "
+                f"| {a['raw']['teacher_ece']:.3f} → {a['fit']['teacher_ece']:.3f} / "
+                f"{a['policy']['teacher_ece']:.3f} "
                 f"| {a['raw']['teacher_ace']:.4f} | {t['verdict'][:-len('confident')]} "
                 f"| {a['fit']['temperature']:.2f} | {_ci(*a['raw']['student'])} "
                 f"| {_ci(*a['paper']['student'])} | {_ci(*a['paper']['vs_raw'], signed=True)} "
-                f"| {_ci(*a['fit']['student'])} | {_ci(*a['fit']['vs_raw'], signed=True)} |"
+                f"| {_ci(*a['fit']['student'])} | {_ci(*a['fit']['vs_raw'], signed=True)} "
+                f"| {a['policy']['temperature']:.2f} | {_ci(*a['policy']['student'])} "
+                f"| {_ci(*a['policy']['vs_raw'], signed=True)} |"
             )
         lines += ["", "Teacher mean confidence at T = 1 on train (the rows the soft labels are "
                   "written for) vs val (where T is fitted): " + "; ".join(
@@ -202,14 +210,16 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         for arm, p in ds["pooled"].items():
             lines.append(f"| {ARM_TITLES[arm]} | {_ci(*p['mean_diff'], signed=True)} "
                          f"| {p['better']} / {p['worse']} of {p['teachers']} |")
-        n_raw = len(ds["teachers"])
+        n_raw, n_all = len(ds["teachers"]), len(ARMS) * len(ds["teachers"])
         lines += ["", "R² of mean student accuracy against a teacher quantity on val, with "
                   "Pearson r and its 95 % Fisher-z interval; ECE, ACE and confidence − accuracy "
-                  "are taken at the temperature the student was taught at.", "",
+                  "are taken at the temperature the student was taught at. The all-points row "
+                  "counts each teacher once per arm (a policy T of 1.5 repeats the T = 1.5 "
+                  "point), so its points are not independent.", "",
                   "| points | " + " | ".join(title for _, title in CORRELATES) + " |",
                   "|---|" + "---:|" * len(CORRELATES)]
         for scope, n, label in (("raw", n_raw, f"raw teachers (n = {n_raw})"),
-                                ("all", 3 * n_raw, f"all teacher × T points (n = {3 * n_raw})")):
+                                ("all", n_all, f"all teacher × T points (n = {n_all})")):
             c = ds["correlation"][scope]
             lines.append(f"| {label} | " + " | ".join(_r(c[key], n) for key, _ in CORRELATES)
                          + " |")
@@ -224,22 +234,26 @@ def plot(summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"raw": "#777777", "paper": "#1f77b4", "fit": "#d62728"}
+    colors = {"raw": "#777777", "paper": "#1f77b4", "fit": "#d62728", "policy": "#2ca02c"}
+    # policy often lands on T = 1.5, i.e. on a paper point: a cross keeps both visible.
+    markers = {"raw": "o", "paper": "o", "fit": "o", "policy": "x"}
     rows = len(summary)
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.9 * rows), squeeze=False)
     for row, ds in enumerate(summary.values()):
         left, right = axes[row]
         teachers = ds["teachers"]
         left.axhline(0.0, color="black", lw=1)
-        for k, arm in enumerate(("paper", "fit")):
-            xs = [i + (k - 0.5) * 0.25 for i in range(len(teachers))]
+        for k, arm in enumerate(TREATED):
+            xs = [i + (k - (len(TREATED) - 1) / 2) * 0.22 for i in range(len(teachers))]
             diffs = [t["arms"][arm]["vs_raw"] for t in teachers]
             means = [100 * d[0] for d in diffs]
             errs = [0.0 if math.isnan(d[1]) else 100 * (d[2] - d[0]) for d in diffs]
             left.errorbar(xs, means, yerr=errs, fmt="o", capsize=3, color=colors[arm],
                           label=f"{ARM_TITLES[arm]} − raw")
         left.set_xticks(range(len(teachers)),
-                        [f"{t['name']}\nT={t['arms']['fit']['temperature']:.2f}" for t in teachers])
+                        [f"{t['name']}\nfit {t['arms']['fit']['temperature']:.2f}"
+                         f"\npolicy {t['arms']['policy']['temperature']:.2f}" for t in teachers],
+                        fontsize=7)
         left.set_ylabel("Δ student test accuracy (points)")
         left.set_title(f"{ds['title']}\npaired difference vs raw teacher, 95 % CI over seeds",
                        fontsize=9)
@@ -247,7 +261,8 @@ def plot(summary: dict[str, Any], path: str) -> None:
         for arm in ARMS:
             ece = [t["arms"][arm]["teacher_ece"] for t in teachers]
             means = [100 * t["arms"][arm]["student"][0] for t in teachers]
-            right.scatter(ece, means, color=colors[arm], label=ARM_TITLES[arm])
+            right.scatter(ece, means, color=colors[arm], marker=markers[arm],
+                          label=ARM_TITLES[arm])
         if ds["baseline"] is not None:
             right.axhline(100 * ds["baseline"][0], color="black", ls=":", lw=1,
                           label="no teacher (cross-entropy only)")

@@ -8,10 +8,12 @@ CIFAR-100, so a teacher's wrong-class probabilities carry "dark knowledge"), thi
    saves each with ``torch.export`` (``.pt2``), and measures accuracy, ECE and ACE on a
    validation split with calibrate-teacher (``obtain_logits`` + ``calibrate`` +
    ``fit_document``, i.e. what ``calibrate-teacher fit --report`` runs);
-2. writes the soft labels of the training split three times per teacher with
+2. writes the soft labels of the training split four times per teacher with
    ``export_soft_labels`` (the ``export-soft-labels`` command): raw (T = 1), the paper's T = 1.5,
-   and the T that ``fit`` chose (objective ``ece``, read back from its report with
-   ``Calibration.from_report``, i.e. ``--from-report``);
+   the T that ``fit`` chose (objective ``ece``), and the T of the paper's policy (``fit
+   --objective paper``: ECE minimised within 1.5-3.0, so the teacher is never sharpened); both
+   fitted T are read back from their reports with ``Calibration.from_report``
+   (``--from-report``);
 3. trains a small student from each cache through ``SoftLabelDataset`` and ``kd_loss`` with the
    same KD temperature and weight for all arms, over several seeds (each seed fixes the
    student's initialisation and batch order, so the arms are paired), plus a no-teacher
@@ -242,10 +244,15 @@ def run_dataset(spec: DatasetSpec, work: Path, seeds: list[int], log: Any) -> di
         run = calibrate(path, logits=source, objective="ece", bake=False)
         report = write_json(fit_document(run.fit, source=source.description),
                             work / f"{t.name}.fit.json")  # what `fit --report` writes
+        # The same, with the paper's policy: `fit --objective paper --report`.
+        policy = calibrate(path, logits=source, objective="paper", bake=False)
+        policy_report = write_json(fit_document(policy.fit, source=source.description),
+                                   work / f"{t.name}.policy.json")
         logits, labels = source.logits.logits, source.logits.labels
         arms: dict[str, Any] = {}
         for arm, calibration in (("raw", Calibration(1.0)), ("paper", Calibration(PAPER_T)),
-                                 ("fit", Calibration.from_report(report))):
+                                 ("fit", Calibration.from_report(report)),
+                                 ("policy", Calibration.from_report(policy_report))):
             cache = work / f"{t.name}-{arm}"
             export_soft_labels(path, work / "train.npz", cache, temperature=calibration,
                                device="cpu", top_k=0)
@@ -270,7 +277,8 @@ def run_dataset(spec: DatasetSpec, work: Path, seeds: list[int], log: Any) -> di
             "test_accuracy": accuracy(model, x_te, y_te), "arms": arms,
         })
         log(f"{spec.name} {t.name} ({t.recipe}): teacher acc {100 * before.accuracy:.1f} %, "
-            f"ECE {before.ece:.3f} ({before.verdict}), T fit {run.fit.temperature:.2f}; "
+            f"ECE {before.ece:.3f} ({before.verdict}), T fit {run.fit.temperature:.2f}, "
+            f"T policy {policy.fit.temperature:.2f}; "
             "students " + ", ".join(f"{a} {100 * np.mean(v['student_accuracy']):.2f}"
                                     for a, v in arms.items()))
     return {
