@@ -154,8 +154,9 @@ def test_reported_statistics_match_the_per_seed_numbers(tiny_run):
                 diffs = [accs[i] - raw[i] for i in range(len(raw))]
                 mean = sum(diffs) / len(diffs)
                 assert s["arms"][arm]["vs_raw"][0] == pytest.approx(mean, abs=1e-12)
-                # Two seeds: the 95 % t half-width is t(0.975, 1) * |d1 - d2| / 2.
-                half = 12.706204736174707 * abs(diffs[0] - diffs[1]) / 2
+                # Two seeds: the 95 % half-width is t(0.975, 1) * s / sqrt(2) = t * |d1 - d2| / 2,
+                # and t with 1 degree of freedom is Cauchy: t(p, 1) = tan(pi * (p - 1/2)).
+                half = math.tan(0.475 * math.pi) * abs(diffs[0] - diffs[1]) / 2
                 assert s["arms"][arm]["vs_raw"][1:] == pytest.approx(
                     (mean - half, mean + half), abs=1e-12)
                 per_teacher[arm].append((mean, mean - half, mean + half))
