@@ -68,6 +68,7 @@ def test_tiny_run_prints_the_table(tmp_path, capsys):
     assert "| teacher | recipe | acc | ECE 1 → fit / policy |" in out
     assert "| Δ fit − raw | T policy | policy | Δ policy − raw |" in out
     assert "| policy (objective paper: ECE within 1.5–3.0) |" in out
+    assert "Policy − paper (paired, same seeds; does fitting T within 1.5–3.0 beat" in out
     assert "| raw teachers (n = 3) |" in out
     assert "| all teacher × T points (n = 12) |" in out
     assert "KD: tau = 4, alpha = 0.9; 2 student seeds per arm" in out
@@ -134,39 +135,67 @@ def test_the_commands_write_the_same_soft_labels(tiny_run, arm, objective):
     assert torch.equal(theirs.logits()[:], ours.logits()[:])
 
 
+def _paired_by_hand(a, b):
+    """Mean and 95 % t-interval of the two per-seed differences ``a - b``."""
+    diffs = [a[i] - b[i] for i in range(len(b))]
+    mean = sum(diffs) / len(diffs)
+    # Two seeds: the 95 % half-width is t(0.975, 1) * s / sqrt(2) = t * |d1 - d2| / 2,
+    # and t with 1 degree of freedom is Cauchy: t(p, 1) = tan(pi * (p - 1/2)).
+    half = math.tan(0.475 * math.pi) * abs(diffs[0] - diffs[1]) / 2
+    return mean, mean - half, mean + half
+
+
+def _check_pooled(pooled, rows):
+    from scipy import stats
+
+    means = np.array([m for m, _, _ in rows])
+    assert pooled["mean_diff"][0] == pytest.approx(means.mean(), abs=1e-12)
+    if np.ptp(means) == 0:  # e.g. policy = paper for every teacher: a zero-width interval
+        want = (means[0], means[0])
+    else:
+        want = stats.t.interval(0.95, len(means) - 1, loc=means.mean(), scale=stats.sem(means))
+    assert pooled["mean_diff"][1:] == pytest.approx(want, abs=1e-12)
+    assert pooled["better"] == sum(lo > 0 for _, lo, _ in rows)
+    assert pooled["worse"] == sum(hi < 0 for _, _, hi in rows)
+    assert pooled["teachers"] == len(rows) == 3
+
+
 def test_reported_statistics_match_the_per_seed_numbers(tiny_run):
     _, results = tiny_run
     summary = evidence_stats.summarise(results)
+    same_t = 0
     for name, ds in results["datasets"].items():
         test_size = ds["sizes"]["test"]
         per_teacher = {"paper": [], "fit": [], "policy": []}
+        policy_vs_paper = []
         for t, s in zip(ds["teachers"], summary[name]["teachers"], strict=True):
-            raw = t["arms"]["raw"]["student_accuracy"]
+            arms = t["arms"]
+            raw = arms["raw"]["student_accuracy"]
             assert len(raw) == len(results["seeds"]) == 2
             for arm in ("raw", "paper", "fit", "policy"):
-                accs = t["arms"][arm]["student_accuracy"]
+                accs = arms[arm]["student_accuracy"]
                 for a in accs:  # a fraction of the test set, nothing interpolated
                     assert 0.0 <= a <= 1.0
                     assert a * test_size == pytest.approx(round(a * test_size), abs=1e-9)
                 assert s["arms"][arm]["student"][0] == pytest.approx(sum(accs) / len(accs))
             for arm in ("paper", "fit", "policy"):
-                accs = t["arms"][arm]["student_accuracy"]
-                diffs = [accs[i] - raw[i] for i in range(len(raw))]
-                mean = sum(diffs) / len(diffs)
-                assert s["arms"][arm]["vs_raw"][0] == pytest.approx(mean, abs=1e-12)
-                # Two seeds: the 95 % half-width is t(0.975, 1) * s / sqrt(2) = t * |d1 - d2| / 2,
-                # and t with 1 degree of freedom is Cauchy: t(p, 1) = tan(pi * (p - 1/2)).
-                half = math.tan(0.475 * math.pi) * abs(diffs[0] - diffs[1]) / 2
-                assert s["arms"][arm]["vs_raw"][1:] == pytest.approx(
-                    (mean - half, mean + half), abs=1e-12)
-                per_teacher[arm].append((mean, mean - half, mean + half))
+                want = _paired_by_hand(arms[arm]["student_accuracy"], raw)
+                assert s["arms"][arm]["vs_raw"] == pytest.approx(want, abs=1e-12)
+                per_teacher[arm].append(want)
+            want = _paired_by_hand(arms["policy"]["student_accuracy"],
+                                   arms["paper"]["student_accuracy"])
+            assert s["policy_vs_paper"] == pytest.approx(want, abs=1e-12)
+            policy_vs_paper.append(want)
+            if arms["policy"]["temperature"] == arms["paper"]["temperature"]:
+                # Same T, same cache, same seeds: the students are the same (training is seeded).
+                same_t += 1
+                assert arms["policy"]["student_accuracy"] == arms["paper"]["student_accuracy"]
+                assert s["policy_vs_paper"] == (0.0, 0.0, 0.0)
         for arm, rows in per_teacher.items():
-            pooled = summary[name]["pooled"][arm]
-            means = [m for m, _, _ in rows]
-            assert pooled["mean_diff"][0] == pytest.approx(sum(means) / len(means), abs=1e-12)
-            assert pooled["better"] == sum(lo > 0 for _, lo, _ in rows)
-            assert pooled["worse"] == sum(hi < 0 for _, _, hi in rows)
-            assert pooled["teachers"] == len(rows) == 3
+            _check_pooled(summary[name]["pooled"][arm], rows)
+        _check_pooled(summary[name]["policy_vs_paper"], policy_vs_paper)
+        assert summary[name]["policy_vs_paper"]["same_t"] == sum(
+            t["arms"]["policy"]["temperature"] == 1.5 for t in ds["teachers"])
         # R² of student accuracy against teacher ECE / signed gap over every teacher x T point.
         points = [t["arms"][a] for t in ds["teachers"] for a in ("raw", "paper", "fit", "policy")]
         assert len(points) == 12
@@ -177,6 +206,9 @@ def test_reported_statistics_match_the_per_seed_numbers(tiny_run):
             r = np.corrcoef(xs, ys)[0, 1]
             got = summary[name]["correlation"]["all"][key]
             assert got[:2] == pytest.approx((r, r * r), abs=1e-9)
+    # The tiny run's label-smoothed teachers are underconfident, so the policy stops at 1.5 for
+    # some of them; the same-T check above must not be vacuous.
+    assert same_t >= 1
 
 
 def test_t_interval_against_scipy_and_by_hand():

@@ -84,12 +84,25 @@ def r_interval(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
     return math.tanh(z - half), math.tanh(z + half)
 
 
+def pool(diffs: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
+    """Pool per-teacher paired differences ``(mean, low, high)``.
+
+    One number per teacher (its mean paired difference); the interval is across teachers.
+    ``better`` / ``worse`` count the teachers whose own interval lies above / below zero.
+    """
+    return {"mean_diff": t_interval([d[0] for d in diffs]),
+            "better": sum(d[1] > 0 for d in diffs), "worse": sum(d[2] < 0 for d in diffs),
+            "teachers": len(diffs)}
+
+
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     """Compute every number the tables and the plot show, from the raw per-seed accuracies.
 
     Returns:
-        ``{dataset: {"teachers": [...], "pooled": {...}, "correlation": {...}, "baseline": ...}}``
-        with means and intervals in accuracy units (0-1).
+        ``{dataset: {"teachers": [...], "pooled": {...}, "policy_vs_paper": {...},
+        "correlation": {...}, "baseline": ...}}`` with means and intervals in accuracy units
+        (0-1). ``policy_vs_paper`` pools the paired policy − paper differences (each teacher's
+        is ``teachers[i]["policy_vs_paper"]``): does fitting T within 1.5-3.0 beat T = 1.5?
     """
     out: dict[str, Any] = {}
     for name, ds in results["datasets"].items():
@@ -111,15 +124,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             teachers.append({"name": t["name"], "recipe": t["recipe"],
                              "accuracy": t["val"]["accuracy"], "verdict": t["val"]["verdict"],
                              "confidence": t["val"]["confidence"], "train": t["train"],
-                             "arms": arms})
-        pooled = {}
-        for arm in TREATED:
-            # One number per teacher (its mean paired difference); the interval is across teachers.
-            per_teacher = [t["arms"][arm]["vs_raw"][0] for t in teachers]
-            pooled[arm] = {"mean_diff": t_interval(per_teacher),
-                           "better": sum(t["arms"][arm]["vs_raw"][1] > 0 for t in teachers),
-                           "worse": sum(t["arms"][arm]["vs_raw"][2] < 0 for t in teachers),
-                           "teachers": len(teachers)}
+                             "arms": arms,
+                             "policy_vs_paper": paired(t["arms"]["policy"]["student_accuracy"],
+                                                       t["arms"]["paper"]["student_accuracy"])})
+        pooled = {arm: pool([t["arms"][arm]["vs_raw"] for t in teachers]) for arm in TREATED}
+        policy_vs_paper = pool([t["policy_vs_paper"] for t in teachers])
+        policy_vs_paper["same_t"] = sum(t["arms"]["policy"]["temperature"]
+                                        == t["arms"]["paper"]["temperature"] for t in teachers)
         correlation: dict[str, dict[str, tuple[float, float, float, float]]] = {}
         for scope, arms_used in (("raw", ("raw",)), ("all", ARMS)):
             ys = [t["arms"][a]["student"][0] for t in teachers for a in arms_used]
@@ -133,6 +144,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "title": ds["title"],
             "teachers": teachers,
             "pooled": pooled,
+            "policy_vs_paper": policy_vs_paper,
             "correlation": correlation,
             "baseline": t_interval(base["student_accuracy"]) if base else None,
             "seeds": len(ds["teachers"][0]["arms"]["raw"]["student_accuracy"]),
@@ -210,6 +222,14 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         for arm, p in ds["pooled"].items():
             lines.append(f"| {ARM_TITLES[arm]} | {_ci(*p['mean_diff'], signed=True)} "
                          f"| {p['better']} / {p['worse']} of {p['teachers']} |")
+        v = ds["policy_vs_paper"]
+        lines += ["", "Policy − paper (paired, same seeds; does fitting T within 1.5–3.0 beat the "
+                  f"fixed T = 1.5?): mean over teachers {_ci(*v['mean_diff'], signed=True)} "
+                  f"points; policy better / worse for {v['better']} / {v['worse']} of "
+                  f"{v['teachers']} teachers (interval excludes 0); policy T is exactly 1.5, "
+                  f"the same soft labels, for {v['same_t']}. Per teacher: " + "; ".join(
+                      f"{t['name']} {_ci(*t['policy_vs_paper'], signed=True)}"
+                      for t in ds["teachers"]) + "."]
         n_raw, n_all = len(ds["teachers"]), len(ARMS) * len(ds["teachers"])
         lines += ["", "R² of mean student accuracy against a teacher quantity on val, with "
                   "Pearson r and its 95 % Fisher-z interval; ECE, ACE and confidence − accuracy "
