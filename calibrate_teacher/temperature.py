@@ -8,13 +8,14 @@ Objectives:
   from a fit on a strided subsample; tolerance ``1e-5`` in ``T``. Logits are shifted by their row
   maximum first, so saturated softmaxes stay exact (log space).
 - ``ece``, ``adaece``, ``ace``: the grid of ``grid`` temperatures log-spaced over ``bounds`` (plus
-  ``T = 1`` and ``T = 1.5``) brackets the best value, then a golden-section search on ``log T``
-  refines it between the neighbouring grid points.
+  ``T = 1`` and ``T = 1.5``) brackets the best values, then a golden-section search on ``log T``
+  refines around each of the 3 deepest grid minima (1 for ``ace``). These objectives are step
+  functions of ``T``: the result is the best dip the search resolves, not a guaranteed global
+  minimum.
 - ``paper``: the teacher-only policy of Kim et al. (arXiv 2508.20224): the ``T`` that minimises
   ECE *within* their robust range 1.5-3.0, so the teacher is never sharpened and ends near
-  calibrated or slightly underconfident (searched as ``ece``: a 64-point grid over 1.5-3.0, then
-  golden section around the best point; ECE is not smooth in ``T``, so this is the best dip the
-  grid resolves, not a guaranteed global minimum).
+  calibrated or slightly underconfident. Searched as ``ece`` on a 64-point grid over the range
+  plus the sweep's points there; the unrestricted ``ece`` result is taken when it lies inside.
 - ``fixed``: a given ``T``; by default 1.5, the paper's default.
 
 Every fit reports the metrics before (``T = 1``) and after, the sweep over the grid, and where
