@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calibrate_teacher import DataSpec, TeacherSpec, export_soft_labels
 from calibrate_teacher.collect import iter_logits
 from calibrate_teacher.data import open_data
-from calibrate_teacher.soft_labels import SoftLabelCache, export_soft_labels, write_soft_labels
+from calibrate_teacher.soft_labels import SoftLabelCache, write_soft_labels
 from calibrate_teacher.teachers import load_teacher
 
 
@@ -91,8 +92,9 @@ def part_export(folder: Path, *, n: int, features: int, hidden: int, classes: in
 
     def export(run: int) -> float:
         start = time.perf_counter()
-        export_soft_labels(folder / "teacher.pt", folder / "train.npz", folder / f"cache{run}",
-                           temperature=1.5, batch_size=batch, device="cpu")
+        export_soft_labels(TeacherSpec(folder / "teacher.pt", device="cpu"),
+                           DataSpec(folder / "train.npz", batch_size=batch), folder / f"cache{run}",
+                           temperature=1.5)
         return time.perf_counter() - start
 
     inference()  # warm up (page cache, allocator, TorchScript profiling)

@@ -137,6 +137,9 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="worker counts for part 2")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.exit(2, f"bench_collect.py: --device {args.device}: torch sees no CUDA device here; "
+                       "run on a CUDA machine or use --device cpu\n")
 
     results: dict[str, object] = {
         "machine": {

@@ -7,6 +7,11 @@ CLI's ``--help``) never pays for torch or onnxruntime until a function needs the
 
     fit = ct.fit_temperature(logits, labels, objective="ece")
     print(fit.temperature, fit.before.ece, fit.after.ece, fit.verdict)
+
+and, inside a KD script that holds the teacher module and the validation DataLoader::
+
+    run = ct.calibrate(teacher, data=val_loader)           # T (ECE by default), before/after
+    teacher = ct.apply_temperature(teacher, run.fit.temperature, probe=run.probe)
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from calibrate_teacher._version import __version__
 from calibrate_teacher.errors import (
     BakeError,
     CacheError,
@@ -21,11 +27,10 @@ from calibrate_teacher.errors import (
     InputError,
     InvalidValueError,
     MissingDependencyError,
+    OutputError,
     OutputExistsError,
     TeacherError,
 )
-
-__version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _LAZY: dict[str, str] = {
@@ -47,13 +52,13 @@ _LAZY: dict[str, str] = {
     "Teacher": "calibrate_teacher.teachers.base",
     "load_teacher": "calibrate_teacher.teachers",
     "BakeResult": "calibrate_teacher.baking",
+    "apply_temperature": "calibrate_teacher.baking",
     "bake_temperature": "calibrate_teacher.baking",
     "default_baked_path": "calibrate_teacher.baking",
     "CacheManifest": "calibrate_teacher.soft_labels",
     "Calibration": "calibrate_teacher.soft_labels",
     "SoftLabelCache": "calibrate_teacher.soft_labels",
     "SoftLabelDataset": "calibrate_teacher.soft_labels",
-    "export_soft_labels": "calibrate_teacher.soft_labels",
     "kd_loss": "calibrate_teacher.soft_labels",
     "verify_cache": "calibrate_teacher.soft_labels",
     "write_soft_labels": "calibrate_teacher.soft_labels",
@@ -62,12 +67,15 @@ _LAZY: dict[str, str] = {
     "LogitBatch": "calibrate_teacher.collect",
     "collect_logits": "calibrate_teacher.collect",
     "iter_logits": "calibrate_teacher.collect",
-    "CalibrationRun": "calibrate_teacher.pipeline",
-    "Evaluation": "calibrate_teacher.pipeline",
-    "LogitSource": "calibrate_teacher.pipeline",
-    "calibrate": "calibrate_teacher.pipeline",
-    "evaluate": "calibrate_teacher.pipeline",
-    "obtain_logits": "calibrate_teacher.pipeline",
+    "CalibrationRun": "calibrate_teacher.jobs",
+    "Evaluation": "calibrate_teacher.jobs",
+    "LogitSource": "calibrate_teacher.jobs",
+    "calibrate": "calibrate_teacher.jobs",
+    "evaluate": "calibrate_teacher.jobs",
+    "obtain_logits": "calibrate_teacher.jobs",
+    "export_soft_labels": "calibrate_teacher.jobs",
+    "DataSpec": "calibrate_teacher.specs",
+    "TeacherSpec": "calibrate_teacher.specs",
 }
 
 __all__ = [
@@ -81,6 +89,7 @@ __all__ = [
     "Calibration",
     "CalibrationMetrics",
     "CalibrationRun",
+    "DataSpec",
     "Evaluation",
     "InputError",
     "InputSpec",
@@ -89,6 +98,7 @@ __all__ = [
     "LogitSet",
     "LogitSource",
     "MissingDependencyError",
+    "OutputError",
     "OutputExistsError",
     "PreprocessConfig",
     "SoftLabelCache",
@@ -96,9 +106,11 @@ __all__ = [
     "SweepPoint",
     "Teacher",
     "TeacherError",
+    "TeacherSpec",
     "TemperatureFit",
     "__version__",
     "adaptive_calibration_error",
+    "apply_temperature",
     "bake_temperature",
     "calibrate",
     "calibration_metrics",
@@ -122,10 +134,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from calibrate_teacher.baking import BakeResult, bake_temperature, default_baked_path
+    from calibrate_teacher.baking import BakeResult, apply_temperature, bake_temperature, default_baked_path
     from calibrate_teacher.collect import LogitBatch, collect_logits, iter_logits
     from calibrate_teacher.data import open_data
     from calibrate_teacher.data.preprocess import PreprocessConfig
+    from calibrate_teacher.jobs import (
+        CalibrationRun,
+        Evaluation,
+        LogitSource,
+        calibrate,
+        evaluate,
+        export_soft_labels,
+        obtain_logits,
+    )
     from calibrate_teacher.logits import LogitSet, load_logits
     from calibrate_teacher.metrics import (
         DEFINITIONS,
@@ -137,24 +158,16 @@ if TYPE_CHECKING:
         classwise_calibration_error,
         expected_calibration_error,
     )
-    from calibrate_teacher.pipeline import (
-        CalibrationRun,
-        Evaluation,
-        LogitSource,
-        calibrate,
-        evaluate,
-        obtain_logits,
-    )
     from calibrate_teacher.soft_labels import (
         CacheManifest,
         Calibration,
         SoftLabelCache,
         SoftLabelDataset,
-        export_soft_labels,
         kd_loss,
         verify_cache,
         write_soft_labels,
     )
+    from calibrate_teacher.specs import DataSpec, TeacherSpec
     from calibrate_teacher.teachers import load_teacher
     from calibrate_teacher.teachers.base import InputSpec, Teacher
     from calibrate_teacher.temperature import SweepPoint, TemperatureFit, fit_temperature, sweep

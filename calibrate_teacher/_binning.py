@@ -13,10 +13,21 @@ result does not change when samples are permuted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class EqualWidthBins:
+    """Equal-width bins of one row of values: per-bin sums ``[M]`` (float64) and each value's bin ``[n]``."""
+
+    count: torch.Tensor
+    value_sum: torch.Tensor
+    hit_sum: torch.Tensor
+    index: torch.Tensor
 
 
 def inner_edges(n_bins: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -31,6 +42,55 @@ def equal_width_index(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor
     import torch
 
     return torch.bucketize(values, edges, right=False)
+
+
+def equal_width_bins(values: torch.Tensor, hits: torch.Tensor, n_bins: int) -> EqualWidthBins:
+    """Equal-width binning of ``values`` ``[n]`` (float64 in [0, 1]) with 0/1 outcomes ``hits`` ``[n]``."""
+    import torch
+
+    index = equal_width_index(values, inner_edges(n_bins, device=values.device))
+    count = torch.bincount(index, minlength=n_bins).to(torch.float64)
+    zeros = torch.zeros(n_bins, dtype=torch.float64, device=values.device)
+    return EqualWidthBins(count, zeros.index_add(0, index, values), zeros.index_add(0, index, hits), index)
+
+
+class ClasswiseBins:
+    """Equal-width bins of every class's probabilities ``[C, M]``, accumulated over row chunks.
+
+    Only entries above the first bin's upper edge ``1/M`` are scattered (most of a wide softmax
+    lies below it); bin 0 is filled from the class totals at the end.
+    """
+
+    def __init__(self, num_classes: int, n_bins: int, *, device: torch.device) -> None:
+        import torch
+
+        self.shape = (num_classes, n_bins)
+        self.edges = inner_edges(n_bins, device=device)
+        self.value_sum = torch.zeros(num_classes * n_bins, dtype=torch.float64, device=device)
+        self.hit_sum = torch.zeros_like(self.value_sum)
+        self.column_sum = torch.zeros(num_classes, dtype=torch.float64, device=device)
+
+    def add(self, p: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a float64 chunk of probabilities ``p`` ``[n, C]`` with its int64 labels ``y`` ``[n]``."""
+        import torch
+
+        self.column_sum += p.sum(dim=0)
+        rows, cols = (p > 1.0 / self.shape[1]).nonzero(as_tuple=True)
+        if rows.numel():
+            vals = p[rows, cols]
+            flat = cols * self.shape[1] + equal_width_index(vals, self.edges)
+            self.value_sum.index_add_(0, flat, vals)
+            self.hit_sum.index_add_(0, flat, (y[rows] == cols).to(torch.float64))
+
+    def sums(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class and bin, the sums of probabilities and of hits ``[C, M]``, given all labels ``[N]``."""
+        import torch
+
+        value_sum, hit_sum = self.value_sum.view(self.shape), self.hit_sum.view(self.shape)
+        class_hits = torch.bincount(labels, minlength=self.shape[0]).to(torch.float64)
+        value_sum[:, 0] = self.column_sum - value_sum[:, 1:].sum(dim=1)
+        hit_sum[:, 0] = class_hits - hit_sum[:, 1:].sum(dim=1)
+        return value_sum, hit_sum
 
 
 def equal_mass_bins(

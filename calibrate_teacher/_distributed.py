@@ -50,6 +50,22 @@ class DistributedContext:
         else:
             dist.barrier()
 
+    def share(self, value: int) -> int:
+        """Return rank 0's ``value`` on every rank (one process: ``value``).
+
+        Every rank must call it at the same point; the other ranks wait for rank 0's value, so
+        rank 0 can tell them to go on, stop, or that it failed (rather than leave them waiting).
+        """
+        if self.world_size == 1 or self.backend is None:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
+        flag = torch.tensor([value if self.is_main else 0], dtype=torch.int64, device=device)
+        dist.broadcast(flag, src=0)
+        return int(flag.item())
+
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)

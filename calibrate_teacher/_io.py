@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -10,20 +11,67 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from calibrate_teacher.errors import OutputExistsError
+from calibrate_teacher.errors import OutputError, OutputExistsError
+
+#: errno values that mean "the file system refused", not "the program is wrong".
+FILESYSTEM_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+)
 
 
-def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Return ``path`` as a Path, raising if it exists and ``overwrite`` is false."""
+def check_output(path: str | os.PathLike[str], *, overwrite: bool, directory: bool = False) -> Path:
+    """Return ``path`` as a Path once it is known that the output can be written there.
+
+    Checked before any long run, so a bad destination fails in a second, not after an hour:
+    the path must not exist (unless ``overwrite``), must not be a folder where a file goes (or
+    the reverse), and its folder must really accept a new file (a probe file is created and
+    removed: permissions, read-only mounts and immutable folders all show up).
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        OutputError: the path cannot be written.
+    """
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+        if out.is_dir() != directory:
+            what = "a folder" if out.is_dir() else "a file"
+            raise OutputError(f"{out}: is {what}; give a {'folder' if directory else 'file'} path")
+    check_writable(out.parent, purpose=str(out))
     return out
+
+
+def check_writable(folder: str | os.PathLike[str], *, purpose: str | None = None) -> None:
+    """Raise :class:`OutputError` unless a file can be created in ``folder``.
+
+    Where ``folder`` does not exist yet, its nearest existing ancestor must accept new entries
+    (the folders are created later).
+    """
+    target = Path(folder)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    name = purpose or str(target)
+    if not probe.is_dir():
+        raise OutputError(f"{name}: {probe} is not a folder; choose another output path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".calibrate-teacher-write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise OutputError(
+            f"{name}: cannot write in {probe} ({exc.strerror or exc}); choose another output path"
+        ) from exc
 
 
 @contextlib.contextmanager
 def atomic_output(
-    path: str | os.PathLike[str], *, overwrite: bool = False, directory: bool = False
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    directory: bool = False,
+    max_mode: int | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
@@ -34,11 +82,14 @@ def atomic_output(
         path: The final output path.
         overwrite: Replace an existing ``path``; otherwise an existing one raises.
         directory: The output is a folder (the temporary folder is created for you).
+        max_mode: Permission bits the file may have at most (e.g. its input's), on top of
+            the umask: a copy of a private file stays private.
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        OutputError: ``path`` cannot be written (a one-line error naming it).
     """
-    out = check_output(path, overwrite=overwrite)
+    out = check_output(path, overwrite=overwrite, directory=directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -47,10 +98,19 @@ def atomic_output(
         os.close(fd)
         tmp = Path(name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno not in FILESYSTEM_ERRNOS:
+                raise
+            raise OutputError(
+                f"{out}: cannot be written ({exc.strerror}); nothing was written, "
+                "free space or choose another output path"
+            ) from exc
         if not directory:
             fsync_file(tmp)
-            os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs get the usual umask
+            mode = _default_mode() & (0o777 if max_mode is None else max_mode)
+            os.chmod(tmp, mode)  # mkstemp makes 0600; outputs get the usual umask
         if out.is_dir() and not out.is_symlink():
             # A folder cannot be replaced atomically: move the old one aside first, so that a
             # crash leaves either the old or the new one under a findable name, never neither.

@@ -41,6 +41,17 @@ def logit_rows(logits: torch.Tensor, temperature: float) -> Iterator[Chunk]:
         yield log_p, safe_exp(log_p), lse.squeeze(1)
 
 
+def row_logsumexp(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each row's float64 ``logsumexp(logits / T)`` ``[N]``: the ``lse`` of :func:`logit_rows`, alone."""
+    import torch
+
+    step = rows_per_chunk(logits.shape[1])
+    return torch.cat([
+        torch.logsumexp(logits[start : start + step].to(torch.float64) / temperature, dim=1)
+        for start in range(0, logits.shape[0], step)
+    ])
+
+
 def safe_exp(log_p: torch.Tensor) -> torch.Tensor:
     """``exp`` with inputs floored at -708, below which float64 results are subnormal.
 
@@ -93,11 +104,12 @@ class ShiftedLogits:
 
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
         z = logits.to(work)
-        self.shifted = z - z.max(dim=1, keepdim=True).values  # row max is exactly 0
+        # One reduction gives both: max's indices resolve ties to the first index, as argmax does.
+        top, pred = z.max(dim=1, keepdim=True)
+        self.shifted = z - top  # row max is exactly 0
         self.labels = labels.to(device=z.device, dtype=torch.int64)
         self.label_logit = self.shifted.gather(1, self.labels[:, None]).squeeze(1).to(torch.float64)
-        # argmax ties resolve to the first index, as torch.argmax and numpy do
-        self.correct = (z.argmax(dim=1) == self.labels).to(torch.float64)
+        self.correct = (pred.squeeze(1) == self.labels).to(torch.float64)
         self.n = z.shape[0]
         self.step = max(1, CHUNK_ELEMENTS // z.shape[1])
         self._buffer = torch.empty(self.step * z.shape[1], dtype=work, device=z.device)

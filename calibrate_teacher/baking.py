@@ -17,6 +17,20 @@ float16 and ``5e-2 *`` for bfloat16), and for a softmax-terminated model so must
 probabilities. Only then are the files renamed into place (companion files first, the model
 last); on any failure nothing is left behind.
 
+The baked teacher carries what the original was measured with, so evaluating it needs nothing
+the original did not: the preprocessing the original's files give (its sidecar, timm
+``config.json``, Hugging Face ``preprocessor_config.json`` or ONNX metadata, merged) is written
+beside it as ``<baked stem>.preprocess.json``, and its class list (``<stem>.classes.txt`` or
+``classes=``) as ``<baked stem>.classes.txt``; an ONNX bake also records both in the model's
+``metadata_props`` (``calibrate_teacher.preprocess``, ``calibrate_teacher.classes``). Both are
+companion files: staged, checked against ``overwrite`` up front, renamed into place with the
+model. A teacher whose files give no preprocessing gets none (evaluating the baked one then warns
+about defaults as the original's evaluation does), and with ``overwrite`` a stale
+``<baked stem>.preprocess.json`` / ``.classes.txt`` from an earlier bake is removed.
+
+In memory, :func:`apply_temperature` does the same for an ``nn.Module`` a KD script holds: 1/T
+folded into its last ``nn.Linear`` when a probe batch proves that exact, else a thin wrapper.
+
 Downstream KD trainers usually divide the teacher's outputs by their own distillation τ as well:
 the baked teacher then sits at τ·T, which is what you want to keep (T calibrates, τ distils).
 """
@@ -24,11 +38,12 @@ the baked teacher then sits at τ·T, which is what you want to keep (T calibrat
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,12 +52,21 @@ from calibrate_teacher._io import atomic_output, check_output
 from calibrate_teacher.errors import BakeError, InvalidValueError
 from calibrate_teacher.teachers import backend, open_teacher
 from calibrate_teacher.teachers._files import BackendTeacher, check_temperature, detect_format
+from calibrate_teacher.teachers._preprocessing import (
+    classes_sidecar,
+    find_model_classes,
+    find_model_preprocessing,
+    set_onnx_metadata,
+)
 from calibrate_teacher.teachers.base import TeacherFormat
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BakeResult", "bake_temperature", "default_baked_path"]
+    from calibrate_teacher.data.preprocess import PreprocessConfig
+    from calibrate_teacher.teachers.base import Inputs
+
+__all__ = ["BakeResult", "apply_temperature", "bake_temperature", "default_baked_path"]
 
 #: Relative tolerance of the probe check, by the precision of the model's output.
 TOLERANCES = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
@@ -65,7 +89,8 @@ class BakeResult:
         tolerance: The bound ``max_abs_error`` had to stay within.
         checked_probabilities: The model ends in a softmax and its probabilities were checked.
         probe_shape: The shape of the probe batch.
-        extra_files: Companion files written beside ``path`` (ONNX external data).
+        extra_files: Companion files written beside ``path`` (ONNX external data, the
+            preprocessing sidecar, the class list).
         notes: Remarks from loading the teacher (provider fallback...), for stderr.
     """
 
@@ -120,6 +145,8 @@ def bake_temperature(
     arch_kwargs: Mapping[str, object] | str | None = None,
     head: str | None = None,
     probe: torch.Tensor | None = None,
+    preprocess: PreprocessConfig | None = None,
+    classes: Sequence[str] | None = None,
 ) -> BakeResult:
     """Write a copy of the teacher whose logits are divided by ``temperature``, verified.
 
@@ -136,6 +163,10 @@ def bake_temperature(
             Linear whose output is the model output.
         probe: The input batch for the check; default: 4 deterministic random inputs shaped
             as the teacher expects.
+        preprocess: The preprocessing the teacher was measured with, for the baked teacher to
+            carry; default: what the teacher's own files give (nothing when they give none).
+        classes: The class names the teacher was measured with, in output order; default:
+            the class list the teacher carries (``<stem>.classes.txt``, ONNX metadata), if any.
 
     Returns:
         A :class:`BakeResult`.
@@ -143,8 +174,9 @@ def bake_temperature(
     Raises:
         InvalidValueError: T is not finite and > 0, ``out`` changes the suffix or is the
             teacher itself, or ``head`` is given for a format without one.
-        OutputExistsError: ``out`` (or its data file) exists and ``overwrite`` is false.
-        InputError, TeacherError: the teacher cannot be read (see ``load_teacher``).
+        OutputExistsError: ``out`` (or a companion file) exists and ``overwrite`` is false.
+        InputError, TeacherError: the teacher cannot be read (see ``load_teacher``), or the
+            preprocessing beside it is invalid.
         BakeError: the head cannot be found or is tied, or the baked teacher failed the check.
     """
     value = check_temperature(temperature)
@@ -163,29 +195,42 @@ def bake_temperature(
     if target.exists() and target.resolve() == source.resolve():
         raise InvalidValueError(f"{target}: is the teacher itself; write the baked one elsewhere")
     check_output(target, overwrite=overwrite)
+    carried, class_names = _carried(source, preprocess, classes)
     original = open_teacher(
         source, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
     )
     batch = probe if probe is not None else original._probe(PROBE_ROWS)
     with contextlib.ExitStack() as stack:
-        final = stack.enter_context(atomic_output(target, overwrite=overwrite))
+        # A copy of a private teacher stays private: no more permission bits than the input.
+        mode = source.stat().st_mode & 0o777
+        final = stack.enter_context(atomic_output(target, overwrite=overwrite, max_mode=mode))
         staging = Path(
             tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent)
         )
         stack.callback(shutil.rmtree, staging, ignore_errors=True)
+        # What the baked teacher carries, staged and checked before the (long) bake.
+        carriers = _stage_carriers(staging, target, carried, class_names)
+        stale = _stale_carriers(target, carriers, overwrite=overwrite)
         files = backend(fmt).bake(original, value, staging / target.name, head=head)
+        if fmt == "onnx" and (carried or class_names is not None):
+            _record_in_onnx(files.model, carried, class_names)
+        extra = (*files.extra, *carriers)
         companions = [
-            stack.enter_context(atomic_output(target.parent / f.name, overwrite=overwrite))
-            for f in files.extra
+            stack.enter_context(
+                atomic_output(target.parent / f.name, overwrite=overwrite, max_mode=mode)
+            )
+            for f in extra
         ]
         baked = open_teacher(
             files.model, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
         )
         error, tolerance, probabilities = _verify(original, baked, batch, value, files.head)
         # On leaving the stack: companions are renamed into place first, the model last.
-        for staged, temporary in zip(files.extra, companions, strict=True):
+        for staged, temporary in zip(extra, companions, strict=True):
             os.replace(staged, temporary)
         os.replace(files.model, final)
+    for path in stale:  # after the new model is in place: a crash before leaves the old set
+        path.unlink(missing_ok=True)
     return BakeResult(
         path=target,
         format=fmt,
@@ -196,9 +241,62 @@ def bake_temperature(
         tolerance=tolerance,
         checked_probabilities=probabilities,
         probe_shape=tuple(batch.shape),
-        extra_files=tuple(target.parent / f.name for f in files.extra),
+        extra_files=tuple(target.parent / f.name for f in extra),
         notes=tuple(original.notes),
     )
+
+
+def _carried(
+    source: Path, preprocess: PreprocessConfig | None, classes: Sequence[str] | None
+) -> tuple[dict[str, object], tuple[str, ...] | None]:
+    """The preprocessing keys and class names the baked teacher is to carry."""
+    from calibrate_teacher.data.preprocess import merge_model_layers
+
+    layers = find_model_preprocessing(source) if preprocess is None else ()
+    carried = preprocess.to_dict() if preprocess is not None else merge_model_layers(layers)
+    if classes is not None:
+        return carried, tuple(str(c) for c in classes)
+    found = find_model_classes(source)
+    return carried, found[0] if found is not None else None
+
+
+def _stage_carriers(
+    staging: Path, target: Path, carried: Mapping[str, object], classes: Sequence[str] | None
+) -> list[Path]:
+    """Write the preprocessing sidecar and the class list into the staging folder."""
+    written = []
+    if carried:
+        sidecar = staging / f"{target.stem}.preprocess.json"
+        sidecar.write_text(json.dumps(dict(carried), indent=2) + "\n", encoding="utf-8")
+        written.append(sidecar)
+    if classes is not None:
+        names = staging / classes_sidecar(target).name
+        names.write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+        written.append(names)
+    return written
+
+
+def _stale_carriers(target: Path, staged: Sequence[Path], *, overwrite: bool) -> list[Path]:
+    """Check the sidecar slots beside ``target``; return those this bake leaves stale.
+
+    An existing one is refused without ``overwrite`` even when this bake writes none: the
+    baked teacher would read it.
+    """
+    slots = (target.with_name(f"{target.stem}.preprocess.json"), classes_sidecar(target))
+    for path in slots:
+        check_output(path, overwrite=overwrite)
+    names = {p.name for p in staged}
+    return [p for p in slots if p.name not in names and (p.exists() or p.is_symlink())]
+
+
+def _record_in_onnx(model_path: Path, carried: Mapping[str, object], classes: Sequence[str] | None) -> None:
+    """Add the carried keys to the staged ONNX model's metadata_props (weights untouched)."""
+    import onnx
+
+    # Without external data: the header is rewritten, external tensors keep their locations.
+    model = onnx.load(str(model_path), load_external_data=False)
+    set_onnx_metadata(model, preprocess=carried or None, classes=classes)
+    onnx.save(model, str(model_path))
 
 
 def _verify(
@@ -244,3 +342,67 @@ def _verify(
             f"softmax(original / T) by {gap:.3g} > {relative:.3g}; nothing was written"
         )
     return error, tolerance, True
+
+
+def apply_temperature(
+    module: torch.nn.Module,
+    temperature: float,
+    *,
+    inplace: bool = False,
+    probe: Inputs | None = None,
+    output: str | int | None = None,
+) -> torch.nn.Module:
+    """Return a module whose logits are ``module``'s divided by ``temperature``.
+
+    With a ``probe`` batch, 1/T is folded into the last ``nn.Linear`` the forward calls
+    (``W/T``, ``b/T``), and kept only when the folded module gives ``original / T`` on the probe
+    within ``1e-5 * max(1, max |original / T|)`` (float32; ``1e-2`` float16, ``5e-2``
+    bfloat16): the module keeps its type, its attributes and its ``state_dict`` keys. Anything
+    after the head that is linear in it (``head(x) * 3``, a mean over tokens) folds exactly;
+    anything else (a softmax or ``tanh`` after it, a tied head, no Linear) fails the proof
+    and the module is wrapped instead. Without a probe it is always wrapped: a
+    ``TemperatureScaled`` module (``.module``, ``.temperature``) whose forward divides the
+    logits entry of the output (a tensor, a tuple's item, a mapping's or ``ModelOutput``'s
+    ``logits``) and keeps the rest. The probe only proves the fold on its own rows, so use
+    real inputs: :attr:`~calibrate_teacher.pipeline.CalibrationRun.probe` holds the first rows
+    of the calibration data.
+
+    The module is never moved to another device, and the result has its train/eval flags.
+    The probe runs in ``eval()`` mode without autograd. Unless ``inplace``, the caller's
+    module is left as it is: a fold edits a copy of the module tree that shares every
+    parameter and buffer but the head's weight and bias (a teacher is not duplicated in GPU
+    memory; ``copy.deepcopy`` it first to train the two apart), and a wrapper holds the module
+    itself. With ``inplace=True`` the head is folded in the module itself (and restored
+    exactly when the proof fails).
+
+    Args:
+        module: The teacher.
+        temperature: T, finite and > 0.
+        inplace: Fold into ``module`` itself instead of a copy.
+        probe: Inputs to prove a fold on: a tensor or a mapping of named tensors, as the
+            forward takes them; None wraps without folding.
+        output: Which entry of the output holds the logits: a key, an attribute or an
+            index; default ``logits`` (a tuple's first item).
+
+    Returns:
+        The folded module (its own type) or a ``TemperatureScaled`` wrapper.
+
+    Raises:
+        InvalidValueError: ``module`` is not an ``nn.Module``, or T is not finite and > 0.
+        TeacherError: ``output`` names no tensor in the probe's output.
+    """
+    import torch
+
+    from calibrate_teacher.teachers._memory import fold_into_head, temperature_scaled
+
+    value = check_temperature(temperature)
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidValueError(
+            f"module: got {type(module).__name__}; apply_temperature takes an nn.Module (divide "
+            "a plain function's logits by T yourself)"
+        )
+    if probe is not None:
+        fold = fold_into_head(module, value, probe, output=output, inplace=inplace, tolerances=TOLERANCES)
+        if fold is not None:
+            return fold.module
+    return temperature_scaled(module, value, output)

@@ -5,12 +5,19 @@ processes when ``workers > 0``, so decoding overlaps the teacher), pins host mem
 teacher runs on CUDA, checks every batch of logits (shape, NaN/Inf) and hands them back as
 float32 CPU tensors, so its memory does not depend on N. :func:`collect_logits` gathers the
 stream into a :class:`~calibrate_teacher.logits.LogitSet` with the sample keys filled in.
+
+Both also take what a KD script holds: an ``nn.Module`` or a callable returning logits for the
+teacher (:func:`~calibrate_teacher.teachers.as_teacher`) and a DataLoader or any iterable of
+batches for the data (:func:`~calibrate_teacher.data.as_source`). A batch whose inputs are a
+mapping of named tensors goes to a teacher with several ``input_names`` as it is; a
+single-input teacher gets the entry of its name, or the only one. Each teacher moves the inputs
+(every tensor of a mapping too) to its own device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +28,7 @@ if TYPE_CHECKING:
 
     from calibrate_teacher.data.base import DataSource
     from calibrate_teacher.logits import LogitSet
-    from calibrate_teacher.teachers.base import Teacher
+    from calibrate_teacher.teachers.base import Inputs, Teacher
 
 __all__ = ["LogitBatch", "collect_logits", "iter_logits"]
 
@@ -44,8 +51,8 @@ class LogitBatch:
 
 
 def iter_logits(
-    teacher: Teacher,
-    source: DataSource,
+    teacher: Teacher | Callable[..., object],
+    source: DataSource | Iterable[object],
     *,
     batch_size: int = 64,
     workers: int = 0,
@@ -55,9 +62,12 @@ def iter_logits(
     """Yield the teacher's logits for the source, one batch at a time.
 
     Args:
-        teacher: The teacher to run.
-        source: The samples (already preprocessed for this teacher).
-        batch_size: Samples per teacher call.
+        teacher: The teacher to run: a loaded :class:`~calibrate_teacher.teachers.base.Teacher`,
+            an ``nn.Module`` or a callable returning logits (run in eval mode, never moved).
+        source: The samples (already preprocessed for this teacher): a data source, or an
+            iterable of ``(inputs, labels)`` batches or of mappings with ``labels`` (a
+            DataLoader), read in its own batches.
+        batch_size: Samples per teacher call (data sources; an iterable keeps its batches).
         workers: DataLoader worker processes reading and decoding (0: in this process).
         indices: A subset of sample positions, in the order wanted; None for all.
         progress: Called after each batch with the number of samples just done (skipped
@@ -69,18 +79,25 @@ def iter_logits(
     Raises:
         TeacherError: the teacher returns the wrong shape, or NaN/Inf logits (the message
             names the teacher file and the first sample's key).
-        InputError: a sample cannot be read (see the source's ``skip_bad``).
+        InputError: a sample cannot be read (see the source's ``skip_bad``), or a batch of the
+            iterable is malformed.
+        InvalidValueError: ``teacher`` or ``source`` is of a kind it cannot run or read.
     """
     import torch
 
+    from calibrate_teacher.data import as_source
+    from calibrate_teacher.teachers import as_teacher
+
+    teacher, source = as_teacher(teacher), as_source(source)
     pin = str(teacher.device).startswith("cuda")
     skipped: list[tuple[str, str]] | None = getattr(source, "skipped", None)
     seen_skipped = len(skipped) if skipped is not None else 0
     for batch in source.batches(
         batch_size=batch_size, workers=workers, pin_memory=pin, indices=indices
     ):
+        inputs = _for_teacher(teacher, batch.inputs)
         with torch.no_grad():  # not inference_mode: its tensors cannot join autograd later
-            out = teacher.logits(batch.inputs)
+            out = teacher.logits(inputs)
         n = len(batch.keys)
         if out.ndim != 2 or out.shape[0] != n or out.shape[1] != teacher.num_classes:
             raise TeacherError(
@@ -111,9 +128,19 @@ def iter_logits(
         )
 
 
+def _for_teacher(teacher: Teacher, inputs: Inputs) -> Inputs:
+    """Named inputs as they are for a teacher that takes several; else the one tensor."""
+    from calibrate_teacher.teachers.base import single_input, takes_mapping
+
+    if not isinstance(inputs, Mapping) or takes_mapping(teacher):
+        return inputs
+    names = teacher.input_names
+    return single_input(inputs, name=names[0] if names else None, where=teacher.path)
+
+
 def collect_logits(
-    teacher: Teacher,
-    source: DataSource,
+    teacher: Teacher | Callable[..., object],
+    source: DataSource | Iterable[object],
     *,
     batch_size: int = 64,
     workers: int = 0,
@@ -122,9 +149,10 @@ def collect_logits(
     """Run the teacher over the whole source and return its logits with labels and keys.
 
     Args:
-        teacher: The teacher to run.
-        source: The samples.
-        batch_size: Samples per teacher call.
+        teacher: The teacher to run: a loaded teacher, an ``nn.Module`` or a callable
+            returning logits (see :func:`iter_logits`).
+        source: The samples: a data source, or an iterable of batches such as a DataLoader.
+        batch_size: Samples per teacher call (data sources; an iterable keeps its batches).
         workers: DataLoader worker processes (0: in this process).
         progress: Called after each batch with the number of samples just done.
 
@@ -138,8 +166,10 @@ def collect_logits(
     """
     import torch
 
+    from calibrate_teacher.data import as_source
     from calibrate_teacher.logits import LogitSet
 
+    source = as_source(source)
     logits: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     keys: list[str] = []
@@ -150,6 +180,8 @@ def collect_logits(
         labels.append(batch.labels)
         keys.extend(batch.keys)
     if not keys:
+        if not getattr(source, "skipped", None):
+            raise InputError(f"{source.path}: no sample could be read: the data holds no batches")
         raise InputError(
             f"{source.path}: no sample could be read ({len(source)} in the source); "
             "see the skipped list"

@@ -14,6 +14,7 @@ __all__ = [
     "InputError",
     "InvalidValueError",
     "MissingDependencyError",
+    "OutputError",
     "OutputExistsError",
     "TeacherError",
 ]
@@ -45,6 +46,10 @@ class CacheError(CalibrateTeacherError):
 
 class OutputExistsError(CalibrateTeacherError):
     """An output path already exists and overwriting was not asked for."""
+
+
+class OutputError(CalibrateTeacherError):
+    """An output cannot be written: a read-only or full disk, no permission, a file in the way."""
 
 
 class MissingDependencyError(CalibrateTeacherError, ImportError):

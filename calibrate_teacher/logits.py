@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from calibrate_teacher._io import atomic_output
+from calibrate_teacher._validate import validate_logits
 from calibrate_teacher.errors import InputError, InvalidValueError
 
 if TYPE_CHECKING:
@@ -26,42 +27,6 @@ __all__ = ["LOGIT_SUFFIXES", "LogitSet", "load_logits", "validate_logits"]
 
 LOGIT_SUFFIXES = (".safetensors", ".npz", ".npy", ".pt", ".pth")
 FORMAT_VERSION = "1"
-
-
-def validate_logits(logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits") -> None:
-    """Check that ``logits`` [N, C] and ``labels`` [N] can be calibrated.
-
-    Raises:
-        InvalidValueError: wrong shapes or dtypes, N = 0, C < 2, NaN/Inf logits, labels out of range.
-    """
-    import torch
-
-    if logits.ndim != 2:
-        raise InvalidValueError(f"{name}: expected a 2-D [N, C] logit matrix, got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise InvalidValueError(f"{name}: expected floating-point logits, got {logits.dtype}")
-    n, c = logits.shape
-    if n == 0:
-        raise InvalidValueError(f"{name}: holds no samples (N = 0)")
-    if c < 2:
-        raise InvalidValueError(f"{name}: needs at least 2 classes, got C = {c}")
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise InvalidValueError(
-            f"{name}: labels must have shape [{n}] to match the logits, got {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise InvalidValueError(f"{name}: labels must be integers, got {labels.dtype}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= c:
-        raise InvalidValueError(f"{name}: labels must lie in [0, {c - 1}], found values from {lo} to {hi}")
-    finite = torch.isfinite(logits)
-    if not bool(finite.all()):
-        bad = int((~finite).any(dim=1).nonzero()[0])
-        count = int((~finite).any(dim=1).sum())
-        raise InvalidValueError(
-            f"{name}: {count} row(s) hold NaN or Inf logits (first at row {bad}); "
-            "check the teacher's outputs"
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,23 +61,63 @@ class LogitSet:
         return int(self.logits.shape[1])
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the set as a safetensors file (atomically); return its path.
+        """Write the set (atomically) in the format its suffix names; return its path.
+
+        ``.safetensors`` (keys in the metadata), ``.npz`` (``logits``, ``labels``, ``keys``) or
+        ``.pt`` (a dict of tensors and a key list, readable with ``weights_only=True``): each
+        reads back with :func:`load_logits`.
 
         Raises:
             OutputExistsError: ``path`` exists and ``overwrite`` is false.
+            InvalidValueError: the suffix names no format that holds logits and labels.
         """
-        from safetensors.torch import save_file
-
-        metadata = {"format": "calibrate-teacher.logits", "format_version": FORMAT_VERSION}
-        if self.keys is not None:
-            metadata["keys"] = json.dumps(list(self.keys))
-        tensors = {
-            "logits": self.logits.detach().cpu().contiguous(),
-            "labels": self.labels.detach().cpu().to(dtype=_int64()).contiguous(),
-        }
+        suffix = check_save_suffix(path)
+        logits = self.logits.detach().cpu().contiguous()
+        labels = self.labels.detach().cpu().to(dtype=_int64()).contiguous()
         with atomic_output(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            if suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                metadata = {"format": "calibrate-teacher.logits", "format_version": FORMAT_VERSION}
+                if self.keys is not None:
+                    metadata["keys"] = json.dumps(list(self.keys))
+                save_file({"logits": logits, "labels": labels}, str(tmp), metadata=metadata)
+            elif suffix == ".npz":
+                import numpy as np
+
+                keys = np.array(self.keys if self.keys is not None else [], dtype=str)
+                with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz"
+                    if self.keys is not None:
+                        np.savez(fh, logits=logits.numpy(), labels=labels.numpy(), keys=keys)
+                    else:
+                        np.savez(fh, logits=logits.numpy(), labels=labels.numpy())
+            else:
+                import torch
+
+                document: dict[str, object] = {"logits": logits, "labels": labels}
+                if self.keys is not None:
+                    document["keys"] = list(self.keys)
+                torch.save(document, tmp)
         return Path(path)
+
+
+#: The suffixes :meth:`LogitSet.save` writes (``.npy`` holds one array, so not logits + labels).
+SAVE_SUFFIXES = (".safetensors", ".npz", ".pt")
+
+
+def check_save_suffix(path: str | os.PathLike[str]) -> str:
+    """Return the lower-case suffix of ``path`` if :meth:`LogitSet.save` can write it.
+
+    Raises:
+        InvalidValueError: naming the path and the suffixes that work.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in SAVE_SUFFIXES:
+        raise InvalidValueError(
+            f"{path}: cannot save logits as {suffix or 'a file without a suffix'}; "
+            f"use one of {', '.join(SAVE_SUFFIXES)}"
+        )
+    return suffix
 
 
 def _int64() -> Any:

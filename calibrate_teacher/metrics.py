@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from calibrate_teacher import _binning, _passes
 from calibrate_teacher._passes import logit_columns, logit_rows, prob_columns, prob_rows
-from calibrate_teacher.errors import InvalidValueError
+from calibrate_teacher._validate import validate_logits, validate_options, validate_probs, validate_temperature
 
 if TYPE_CHECKING:
     import torch
@@ -170,14 +170,10 @@ def calibration_metrics(
         >>> round(m.accuracy, 3), round(m.ece, 4)  # (|1 - 0.8808| + |0 - 0.7311|) / 2
         (0.5, 0.4251)
     """
-    from calibrate_teacher.logits import validate_logits
-
     validate_logits(logits, labels)
-    _check_options(n_bins=n_bins, bootstrap=bootstrap)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise InvalidValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return _compute(logit_rows(logits, temperature), logits, labels, n_bins, bootstrap, seed,
-                    temperature=temperature)
+    validate_options(n_bins=n_bins, bootstrap=bootstrap)
+    t = validate_temperature(temperature)
+    return compute_metrics(logits, labels, temperature=t, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
 
 
 def calibration_metrics_from_probs(
@@ -195,9 +191,9 @@ def calibration_metrics_from_probs(
     Raises:
         InvalidValueError: bad shapes, values outside [0, 1], rows that do not sum to 1.
     """
-    _validate_probs(probs, labels)
-    _check_options(n_bins=n_bins, bootstrap=bootstrap)
-    return _compute(prob_rows(probs), probs, labels, n_bins, bootstrap, seed, temperature=None)
+    validate_probs(probs, labels)
+    validate_options(n_bins=n_bins, bootstrap=bootstrap)
+    return compute_metrics(probs, labels, temperature=None, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> float:
@@ -210,7 +206,11 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_b
         >>> round(expected_calibration_error(p, torch.tensor([0, 1, 1, 1, 0]), n_bins=2), 6)
         0.3
     """
-    return calibration_metrics_from_probs(probs, labels, n_bins=n_bins).ece
+    validate_probs(probs, labels)
+    validate_options(n_bins=n_bins)
+    rows = _scan_rows(prob_rows(probs), _int64(labels, probs), n_bins, top_only=True)
+    over, under, _ = ece_parts(_binning.equal_width_bins(rows.conf, rows.correct, n_bins))
+    return over + under
 
 
 def adaptive_calibration_error(
@@ -224,218 +224,204 @@ def adaptive_calibration_error(
         >>> round(adaptive_calibration_error(p, torch.tensor([0, 1, 1, 1]), n_bins=2), 6)
         0.4
     """
-    import torch
+    validate_probs(probs, labels)
+    validate_options(n_bins=n_bins)
+    return _class_equal_mass(prob_columns(probs), _int64(labels, probs), n_bins, (threshold,))[0]
 
-    _validate_probs(probs, labels)
-    _check_options(n_bins=n_bins, bootstrap=0)
-    if threshold is None or threshold == TACE_THRESHOLD:
-        ace, tace = _class_equal_mass(prob_columns(probs), labels, n_bins)
-        return ace if threshold is None else tace
-    values = probs.to(torch.float64).T.contiguous()
-    hits = (labels[None, :] == torch.arange(probs.shape[1])[:, None]).to(torch.float64)
-    _, value_sum, hit_sum, kept, _ = _binning.equal_mass_bins(values, hits, n_bins, threshold=threshold)
-    err = (hit_sum - value_sum).abs().sum(dim=1) / kept.clamp_min(1)
-    present = kept > 0
-    return float(err[present].sum()) / max(int(present.sum()), 1)
+
+def classwise_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al. 2019) over equal-width bins of each class's probabilities."""
+    validate_probs(probs, labels)
+    validate_options(n_bins=n_bins)
+    return _scan_rows(prob_rows(probs), _int64(labels, probs), n_bins).classwise_ece
+
+
+# --- validated inputs: one pass over the rows, then the bins, then the reductions -------------
+# The temperature search and the lazily computed reports of a fit call these directly, on
+# inputs their public entry point has already validated.
+
+
+def compute_metrics(
+    source: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float | None,
+    n_bins: int,
+    bootstrap: int,
+    seed: int,
+) -> CalibrationMetrics:
+    """Every metric of validated ``source``: logits divided by ``temperature``, or probabilities (None)."""
+    from calibrate_teacher._bootstrap import AceBootstrap, bootstrap_ece
+
+    n, c = source.shape
+    y = _int64(labels, source)
+    chunks = prob_rows(source) if temperature is None else logit_rows(source, temperature)
+    rows = _scan_rows(chunks, y, n_bins)
+    top = _binning.equal_width_bins(rows.conf, rows.correct, n_bins)
+    ece_over, ece_under, mce = ece_parts(top)
+    # Class columns, rebuilt from each row's logsumexp: no second softmax over the rows.
+    lse = rows.lse
+    columns = prob_columns(source) if temperature is None or lse is None else logit_columns(source, temperature, lse)
+    ace_boot = AceBootstrap(n, bootstrap, seed, source.device) if bootstrap else None
+    ace, tace = _class_equal_mass(columns, y, n_bins, (None, TACE_THRESHOLD), ace_boot)
+    intervals: dict[str, tuple[float, float]] = {}
+    if ace_boot is not None:
+        intervals["ece"] = bootstrap_ece(top.index, rows.conf, rows.correct, n_bins, bootstrap, seed)
+        intervals["ace"] = ace_boot.interval()
+    return CalibrationMetrics(
+        num_samples=n,
+        num_classes=c,
+        n_bins=n_bins,
+        temperature=temperature,
+        accuracy=float(rows.correct.sum()) / n,
+        confidence=float(rows.conf.sum()) / n,
+        nll=rows.nll,
+        brier=rows.brier,
+        ece=ece_over + ece_under,
+        ece_over=ece_over,
+        ece_under=ece_under,
+        mce=mce,
+        adaece=adaece(rows.conf, rows.correct, n_bins),
+        ace=ace,
+        tace=tace,
+        classwise_ece=rows.classwise_ece,
+        bins=_bin_table(top),
+        confidence_intervals=intervals,
+        bootstrap=bootstrap,
+    )
+
+
+def ece_parts(bins: _binning.EqualWidthBins) -> tuple[float, float, float]:
+    """``(ece_over, ece_under, mce)`` of top-label equal-width bins (``ece`` is the first two summed)."""
+    n = float(bins.count.sum())
+    diff = bins.value_sum - bins.hit_sum  # positive: overconfident
+    nonempty = bins.count > 0
+    gaps = (diff[nonempty] / bins.count[nonempty]).abs()
+    mce = float(gaps.max()) if gaps.numel() else 0.0
+    return float(diff.clamp_min(0).sum()) / n, float((-diff).clamp_min(0).sum()) / n, mce
+
+
+def adaece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> float:
+    """AdaECE: the ECE formula over equal-mass bins of the top-label confidences ``conf`` ``[N]``."""
+    _, value_sum, hit_sum, _, _ = _binning.equal_mass_bins(conf[None, :], correct[None, :], n_bins)
+    return float((hit_sum - value_sum).abs().sum()) / conf.shape[0]
 
 
 def adaptive_calibration_error_of_logits(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, n_bins: int
 ) -> float:
     """ACE of ``softmax(logits / temperature)`` without materialising all the probabilities."""
-    import torch
-
-    lse = torch.cat([chunk[2] for chunk in logit_rows(logits, temperature) if chunk[2] is not None])
-    return _class_equal_mass(logit_columns(logits, temperature, lse), labels, n_bins)[0]
-
-
-def classwise_calibration_error(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15) -> float:
-    """Classwise ECE (Kull et al. 2019) over equal-width bins of each class's probabilities."""
-    return calibration_metrics_from_probs(probs, labels, n_bins=n_bins).classwise_ece
+    lse = _passes.row_logsumexp(logits, temperature)
+    columns = logit_columns(logits, temperature, lse)
+    return _class_equal_mass(columns, _int64(labels, logits), n_bins, (None,))[0]
 
 
 # --- internals ---------------------------------------------------------------------------
 
 
-def _check_options(*, n_bins: int, bootstrap: int) -> None:
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise InvalidValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    if not isinstance(bootstrap, int) or bootstrap < 0:
-        raise InvalidValueError(f"bootstrap must be an integer >= 0, got {bootstrap!r}")
-
-
-def _validate_probs(probs: torch.Tensor, labels: torch.Tensor) -> None:
+def _int64(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     import torch
 
-    from calibrate_teacher.logits import validate_logits
+    return labels.to(device=like.device, dtype=torch.int64)
 
-    validate_logits(probs, labels, name="probs")
-    lo, hi = float(probs.min()), float(probs.max())
-    if lo < 0 or hi > 1:
-        raise InvalidValueError(
-            f"probs: values must lie in [0, 1], found {lo:.4g} to {hi:.4g}; "
-            "pass logits to calibration_metrics instead"
-        )
-    sums = probs.to(torch.float64).sum(dim=1)
-    worst = float((sums - 1).abs().max())
-    if worst > 1e-3:
-        raise InvalidValueError(f"probs: rows must sum to 1, found a row off by {worst:.3g}")
+
+@dataclass(frozen=True)
+class _Rows:
+    """What one pass over the row chunks gives: per-row top-label values (float64) and sums."""
+
+    conf: torch.Tensor
+    correct: torch.Tensor
+    nll: float
+    brier: float
+    lse: torch.Tensor | None
+    classwise_ece: float
+
+
+def _scan_rows(chunks: Iterator[_passes.Chunk], labels: torch.Tensor, n_bins: int, *,
+               top_only: bool = False) -> _Rows:
+    """The one pass over the rows; ``top_only`` keeps just the top-label confidence and correctness."""
+    import torch
+
+    nll = torch.zeros((), dtype=torch.float64, device=labels.device)
+    brier = torch.zeros_like(nll)
+    confs, corrects, lses = [], [], []
+    classwise: _binning.ClasswiseBins | None = None
+    n = 0
+    for log_p, p, lse in chunks:
+        y = labels[n : n + p.shape[0]]
+        n += p.shape[0]
+        conf, pred = p.max(dim=1)
+        confs.append(conf)
+        corrects.append((pred == y).to(torch.float64))
+        if top_only:
+            continue
+        p_y = p.gather(1, y[:, None]).squeeze(1)
+        nll = nll - log_p.gather(1, y[:, None]).sum()
+        brier = brier + ((p * p).sum(dim=1) - 2 * p_y + 1).sum()
+        if lse is not None:
+            lses.append(lse)  # O(N): lets ACE rebuild class columns without another softmax
+        if classwise is None:
+            classwise = _binning.ClasswiseBins(p.shape[1], n_bins, device=labels.device)
+        classwise.add(p, y)
+    classwise_ece = math.nan
+    if classwise is not None:
+        value_sum, hit_sum = classwise.sums(labels)
+        classwise_ece = float((hit_sum - value_sum).abs().sum()) / (n * value_sum.shape[0])
+    return _Rows(
+        conf=torch.cat(confs),
+        correct=torch.cat(corrects),
+        nll=math.nan if top_only else float(nll) / n,
+        brier=math.nan if top_only else float(brier) / n,
+        lse=torch.cat(lses) if lses else None,
+        classwise_ece=classwise_ece,
+    )
 
 
 def _class_equal_mass(
     columns: Iterator[tuple[int, torch.Tensor]],
     labels: torch.Tensor,
     n_bins: int,
+    thresholds: tuple[float | None, ...],
     bootstrap: AceBootstrap | None = None,
-) -> tuple[float, float]:
-    """ACE and TACE (one sort of each class column serves both, and the ACE bootstrap too)."""
+) -> list[float]:
+    """ACE at each threshold (None: none; TACE's is 0.01); one sort per class column serves all."""
     import torch
 
-    sums = {"ace": 0.0, "tace": 0.0}
-    used = {"ace": 0, "tace": 0}
+    sums = [0.0] * len(thresholds)
+    used = [0] * len(thresholds)
     for start, block in columns:
         classes = torch.arange(start, start + block.shape[0], device=block.device)
-        hits = (labels.to(block.device)[None, :] == classes[:, None]).to(torch.float64)
+        hits = (labels[None, :] == classes[:, None]).to(torch.float64)
         sorted_values, sorted_hits, order = _binning.sort_rows(block, hits)
-        for name, threshold in (("ace", None), ("tace", TACE_THRESHOLD)):
+        for i, threshold in enumerate(thresholds):
             first = _binning.first_above(sorted_values, threshold)
             count, value_sum, hit_sum, kept, _ = _binning.equal_mass_sorted(
                 sorted_values, sorted_hits, n_bins, first=first
             )
             err = (hit_sum - value_sum).abs().sum(dim=1) / kept.clamp_min(1)
             present = kept > 0
-            sums[name] += float(err[present].sum())
-            used[name] += int(present.sum())
+            sums[i] += float(err[present].sum())
+            used[i] += int(present.sum())
             if bootstrap is not None and threshold is None:
                 bootstrap.add(sorted_values, sorted_hits, order, count)
-    ace, tace = (sums[k] / used[k] if used[k] else 0.0 for k in ("ace", "tace"))
-    return ace, tace
+    return [s / u if u else 0.0 for s, u in zip(sums, used, strict=True)]
 
 
-def _compute(
-    chunks: Iterator[_passes.Chunk],
-    source: torch.Tensor,
-    labels: torch.Tensor,
-    n_bins: int,
-    bootstrap: int,
-    seed: int,
-    *,
-    temperature: float | None,
-) -> CalibrationMetrics:
+def _bin_table(top: _binning.EqualWidthBins) -> tuple[BinStats, ...]:
     import torch
 
-    n, c = source.shape
-    device = source.device
-    edges = _binning.inner_edges(n_bins, device=device)
-    labels = labels.to(device=device, dtype=torch.int64)
-    def zeros(*size: int) -> torch.Tensor:
-        return torch.zeros(size, dtype=torch.float64, device=device)
-
-    confs, corrects, lses = [], [], []
-    nll = brier = zeros()
-    # Classwise bins: entries above the first edge are scattered; bin 0 is the remainder.
-    cw_count = zeros(c * n_bins)
-    cw_conf = zeros(c * n_bins)
-    cw_hits = zeros(c * n_bins)
-    col_conf = zeros(c)
-    start = 0
-    for log_p, p, lse in chunks:
-        y = labels[start : start + p.shape[0]]
-        conf, pred = p.max(dim=1)
-        confs.append(conf)
-        corrects.append((pred == y).to(torch.float64))
-        p_y = p.gather(1, y[:, None]).squeeze(1)
-        nll = nll - log_p.gather(1, y[:, None]).sum()
-        brier = brier + ((p * p).sum(dim=1) - 2 * p_y + 1).sum()
-        if lse is not None:
-            lses.append(lse)  # O(N): lets ACE rebuild class columns without another softmax
-        col_conf += p.sum(dim=0)
-        upper0 = 1.0 / n_bins
-        rows, cols = (p > upper0).nonzero(as_tuple=True)
-        if rows.numel():
-            vals = p[rows, cols]
-            flat = cols * n_bins + _binning.equal_width_index(vals, edges)
-            cw_count.index_add_(0, flat, torch.ones_like(vals))
-            cw_conf.index_add_(0, flat, vals)
-            cw_hits.index_add_(0, flat, (y[rows] == cols).to(torch.float64))
-        start += p.shape[0]
-    conf = torch.cat(confs)
-    correct = torch.cat(corrects)
-
-    # Top-label, equal-width.
-    top_bin = _binning.equal_width_index(conf, edges)
-    b_count = torch.bincount(top_bin, minlength=n_bins).to(torch.float64)
-    b_conf = zeros(n_bins).index_add_(0, top_bin, conf)
-    b_hits = zeros(n_bins).index_add_(0, top_bin, correct)
-    diff = b_conf - b_hits  # positive: overconfident
-    ece_over = float(diff.clamp_min(0).sum()) / n
-    ece_under = float((-diff).clamp_min(0).sum()) / n
-    nonempty = b_count > 0
-    gaps = (diff[nonempty] / b_count[nonempty]).abs()
-    mce = float(gaps.max()) if gaps.numel() else 0.0
-
-    # Classwise, equal-width: fill bin 0 from the class totals.
-    cw_count = cw_count.view(c, n_bins)
-    cw_conf = cw_conf.view(c, n_bins)
-    cw_hits = cw_hits.view(c, n_bins)
-    class_hits = torch.bincount(labels, minlength=c).to(torch.float64)
-    cw_count[:, 0] = n - cw_count[:, 1:].sum(dim=1)
-    cw_conf[:, 0] = col_conf - cw_conf[:, 1:].sum(dim=1)
-    cw_hits[:, 0] = class_hits - cw_hits[:, 1:].sum(dim=1)
-    classwise = float((cw_hits - cw_conf).abs().sum()) / (n * c)
-
-    # Top-label, equal-mass.
-    _, ada_conf, ada_hits, _, _ = _binning.equal_mass_bins(conf[None, :], correct[None, :], n_bins)
-    adaece = float((ada_hits - ada_conf).abs().sum()) / n
-
-    # Class-conditional, equal-mass (ACE, TACE).
-    def columns() -> Iterator[tuple[int, torch.Tensor]]:
-        if temperature is None:
-            return prob_columns(source)
-        return logit_columns(source, temperature, torch.cat(lses))
-
-    from calibrate_teacher._bootstrap import AceBootstrap, bootstrap_ece
-
-    ace_boot = AceBootstrap(n, bootstrap, seed, device) if bootstrap else None
-    ace, tace = _class_equal_mass(columns(), labels, n_bins, ace_boot)
-
-    intervals: dict[str, tuple[float, float]] = {}
-    if bootstrap:
-        intervals["ece"] = bootstrap_ece(top_bin, conf, correct, n_bins, bootstrap, seed)
-    if ace_boot is not None:
-        intervals["ace"] = ace_boot.interval()
-
+    n_bins = top.count.shape[0]
     lower = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    safe = b_count.clamp_min(1)
-    bins = tuple(
+    safe = top.count.clamp_min(1)
+    diff = top.value_sum - top.hit_sum
+    return tuple(
         BinStats(
             lower=float(lower[m]),
             upper=float(lower[m + 1]),
-            count=int(b_count[m]),
-            confidence=float(b_conf[m] / safe[m]),
-            accuracy=float(b_hits[m] / safe[m]),
+            count=int(top.count[m]),
+            confidence=float(top.value_sum[m] / safe[m]),
+            accuracy=float(top.hit_sum[m] / safe[m]),
             gap=float(diff[m] / safe[m]),
         )
         for m in range(n_bins)
-    )
-    return CalibrationMetrics(
-        num_samples=n,
-        num_classes=c,
-        n_bins=n_bins,
-        temperature=temperature,
-        accuracy=float(correct.sum()) / n,
-        confidence=float(conf.sum()) / n,
-        nll=float(nll) / n,
-        brier=float(brier) / n,
-        ece=ece_over + ece_under,
-        ece_over=ece_over,
-        ece_under=ece_under,
-        mce=mce,
-        adaece=adaece,
-        ace=ace,
-        tace=tace,
-        classwise_ece=classwise,
-        bins=bins,
-        confidence_intervals=intervals,
-        bootstrap=bootstrap,
     )

@@ -21,22 +21,33 @@ Objectives:
 Every fit reports the metrics before (``T = 1``) and after, the sweep over the grid, and where
 ``T`` sits relative to the paper's range. KD trainers that divide teacher *and* student logits by
 their own ``tau`` then see the calibrated teacher at ``tau * T``.
+
+Cost: a call pays for its search. ``nll`` costs about 3-4 passes over the logits (validation,
+the row-max shift, two Newton passes and the NLL at ``T``); the ECE-like searches add the grid and
+the refinement. The two full reports (each some 20-30 passes: ACE sorts every class column) and,
+for ``nll`` and ``fixed``, the sweep are computed when :attr:`TemperatureFit.before`,
+:attr:`~TemperatureFit.after` or :attr:`~TemperatureFit.sweep` is first read (``to_dict`` reads
+all three), from the logits the fit was given; they are not copied, so read the reports before
+modifying those logits in place (a fit refuses to report on logits changed since).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from calibrate_teacher import _binning
 from calibrate_teacher._passes import ShiftedLogits
+from calibrate_teacher._validate import validate_bounds, validate_logits, validate_options, validate_temperature
 from calibrate_teacher.errors import InvalidValueError
 from calibrate_teacher.metrics import (
     DEFINITIONS,
     CalibrationMetrics,
+    adaece,
     adaptive_calibration_error_of_logits,
-    calibration_metrics,
+    compute_metrics,
+    ece_parts,
 )
 
 if TYPE_CHECKING:
@@ -83,9 +94,69 @@ class SweepPoint:
     adaece: float
 
 
+class _Reports:
+    """The reports of one fit, computed from the fit's logits when first read, then kept."""
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        temperatures: list[float],
+        points: tuple[SweepPoint, ...] | None,
+        n_bins: int,
+        bootstrap: int,
+        seed: int,
+    ) -> None:
+        self._data = (logits, labels)
+        self._versions = _versions(logits, labels)
+        self._temperatures = temperatures
+        self._n_bins, self._bootstrap, self._seed = n_bins, bootstrap, seed
+        self._points = points
+        self._metrics: dict[float, CalibrationMetrics] = {}
+
+    def _logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if _versions(*self._data) != self._versions:
+            raise InvalidValueError(
+                "logits: modified in place after fit_temperature; read the fit's before, after and "
+                "sweep first, or fit on a copy"
+            )
+        return self._data
+
+    def metrics(self, temperature: float) -> CalibrationMetrics:
+        """The full report at ``temperature`` (``before`` is T = 1, ``after`` the fitted T)."""
+        if temperature not in self._metrics:
+            logits, labels = self._logits()
+            self._metrics[temperature] = compute_metrics(
+                logits, labels, temperature=temperature, n_bins=self._n_bins, bootstrap=self._bootstrap,
+                seed=self._seed,
+            )
+        return self._metrics[temperature]
+
+    def sweep(self) -> tuple[SweepPoint, ...]:
+        """The sweep over the grid (already there when the search needed it)."""
+        if self._points is None:
+            prepared = ShiftedLogits(*self._logits())
+            self._points = tuple(_point(prepared, t, self._n_bins) for t in self._temperatures)
+        return self._points
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[int | None, ...]:
+    """In-place modification counters (None for inference-mode tensors, which keep none)."""
+    out: list[int | None] = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:
+            out.append(None)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TemperatureFit:
     """The chosen temperature, how it was found, and the teacher before and after.
+
+    ``before``, ``after`` and ``sweep`` are computed when first read (see the module docstring).
 
     Attributes:
         temperature: The chosen ``T`` (divide the logits by it).
@@ -95,9 +166,6 @@ class TemperatureFit:
         passes: Passes over all the logits spent on the search.
         bounds: The ``(low, high)`` range searched.
         at_bound: True when ``T`` sits on a bound (widen ``bounds`` to look further).
-        before: Metrics at ``T = 1``.
-        after: Metrics at ``T``.
-        sweep: Metrics over the grid of temperatures.
     """
 
     temperature: float
@@ -107,9 +175,22 @@ class TemperatureFit:
     passes: int
     bounds: tuple[float, float]
     at_bound: bool
-    before: CalibrationMetrics
-    after: CalibrationMetrics
-    sweep: tuple[SweepPoint, ...]
+    _reports: _Reports = field(repr=False, compare=False)
+
+    @property
+    def before(self) -> CalibrationMetrics:
+        """Metrics at ``T = 1`` (computed on first read)."""
+        return self._reports.metrics(1.0)
+
+    @property
+    def after(self) -> CalibrationMetrics:
+        """Metrics at ``T`` (computed on first read)."""
+        return self._reports.metrics(self.temperature)
+
+    @property
+    def sweep(self) -> tuple[SweepPoint, ...]:
+        """Top-label metrics over the grid of temperatures (computed on first read if the search did not)."""
+        return self._reports.sweep()
 
     @property
     def verdict(self) -> str:
@@ -175,10 +256,11 @@ def fit_temperature(
         seed: Seed of the bootstrap.
 
     Returns:
-        A :class:`TemperatureFit`.
+        A :class:`TemperatureFit`; its ``before``, ``after`` and ``sweep`` are computed when first
+        read, so a caller that needs only ``T`` pays only for the search.
 
     Raises:
-        InvalidValueError: bad logits/labels, unknown objective, bad bounds or temperature.
+        InvalidValueError: bad logits/labels, unknown objective, bad bounds, options or temperature.
 
     Example:
         >>> import torch
@@ -189,47 +271,35 @@ def fit_temperature(
         >>> fit.after.nll < fit.before.nll
         True
     """
-    from calibrate_teacher.logits import validate_logits
-
     validate_logits(logits, labels)
-    lo, hi = _check_bounds(bounds)
+    lo, hi = validate_bounds(bounds)
     if objective not in OBJECTIVES:
         raise InvalidValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if grid < 2:
         raise InvalidValueError(f"grid must be at least 2 temperatures, got {grid}")
+    validate_options(n_bins=n_bins, bootstrap=bootstrap)
     if temperature is not None and objective != "fixed":
         raise InvalidValueError("a temperature is given only with objective='fixed'")
-    prepared = ShiftedLogits(logits, labels)
     temps = _grid(lo, hi, grid)
-    points = tuple(_point(prepared, t, n_bins) for t in temps)
+    points: tuple[SweepPoint, ...] | None = None
     value: float | None
     if objective == "fixed":
-        t = PAPER_DEFAULT_T if temperature is None else float(temperature)
-        if not (math.isfinite(t) and t > 0):
-            raise InvalidValueError(f"temperature must be a finite number > 0, got {temperature}")
+        t = validate_temperature(PAPER_DEFAULT_T if temperature is None else temperature)
         value, iterations, passes = None, 0, 0
     elif objective == "nll":
+        prepared = ShiftedLogits(logits, labels)
         t, iterations, passes = _fit_nll(prepared, lo, hi, tol)
-        value = _point(prepared, t, n_bins).nll
-    elif objective == "paper":
-        p_lo, p_hi = PAPER_RANGE
-        # ECE is bumpy in T: a fine grid over the range (plus the sweep's own points in it) finds
-        # the right dip before the golden-section refinement.
-        inside = {p.temperature: p for p in points if p_lo <= p.temperature <= p_hi}
-        for t in _grid(p_lo, p_hi, PAPER_GRID):
-            inside.setdefault(t, _point(prepared, t, n_bins))
-        paper_points = tuple(inside[t] for t in sorted(inside))
-        t, value, iterations, passes = _search(prepared, "ece", paper_points, p_lo, p_hi, n_bins, tol)
-        # The unrestricted ECE search may find a deeper dip that happens to lie inside the range.
-        t_all, v_all, it_all, ps_all = _search(prepared, "ece", points, lo, hi, n_bins, tol)
-        iterations, passes = iterations + it_all, passes + ps_all
-        if p_lo <= t_all <= p_hi and v_all < value:
-            t, value = t_all, v_all
+        value = _nll(prepared, t)
     else:
-        t, value, iterations, passes = _search(prepared, objective, points, lo, hi, n_bins, tol)
-    before = calibration_metrics(logits, labels, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
-    after = calibration_metrics(logits, labels, temperature=t, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
+        prepared = ShiftedLogits(logits, labels)
+        points = tuple(_point(prepared, t, n_bins) for t in temps)
+        if objective == "paper":
+            t, value, iterations, passes = _search_paper(prepared, points, lo, hi, n_bins, tol)
+        else:
+            t, value, iterations, passes = _search(prepared, objective, points, lo, hi, n_bins, tol)
     at_bound = objective not in ("fixed", "paper") and (abs(t - lo) <= 2 * tol * lo or abs(t - hi) <= 2 * tol * hi)
+    reports = _Reports(logits, labels, temperatures=temps, points=points, n_bins=n_bins, bootstrap=bootstrap,
+                       seed=seed)
     return TemperatureFit(
         temperature=t,
         objective=objective,
@@ -238,9 +308,7 @@ def fit_temperature(
         passes=passes,
         bounds=(lo, hi),
         at_bound=at_bound,
-        before=before,
-        after=after,
-        sweep=points,
+        _reports=reports,
     )
 
 
@@ -255,24 +323,14 @@ def sweep(
         >>> [round(p.confidence, 4) for p in pts]  # mean of 1/(1+e^-3), 1/(1+e^-1); then halved logits
         [0.8418, 0.72]
     """
-    from calibrate_teacher.logits import validate_logits
-
     validate_logits(logits, labels)
-    for t in temperatures:
-        if not (math.isfinite(t) and t > 0):
-            raise InvalidValueError(f"temperatures must be finite and > 0, got {t}")
+    validate_options(n_bins=n_bins)
+    temps = [validate_temperature(t, name="temperatures") for t in temperatures]
     prepared = ShiftedLogits(logits, labels)
-    return tuple(_point(prepared, float(t), n_bins) for t in temperatures)
+    return tuple(_point(prepared, t, n_bins) for t in temps)
 
 
 # --- internals ---------------------------------------------------------------------------
-
-
-def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = (float(b) for b in bounds)
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise InvalidValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
-    return lo, hi
 
 
 def _grid(lo: float, hi: float, size: int) -> list[float]:
@@ -282,35 +340,36 @@ def _grid(lo: float, hi: float, size: int) -> list[float]:
     return sorted(temps)
 
 
+def _nll(shifted: ShiftedLogits, temperature: float, conf: torch.Tensor | None = None) -> float:
+    """Mean NLL at ``temperature``: ``-log p_y = log S - z_y / T``, with ``S = 1 / conf``."""
+    conf = shifted.confidence(temperature) if conf is None else conf
+    return float((-conf.log() - shifted.label_logit / temperature).mean())
+
+
 def _point(shifted: ShiftedLogits, temperature: float, n_bins: int) -> SweepPoint:
     conf = shifted.confidence(temperature)
-    # -log p_y = log S - beta * z_y, with S = 1 / conf
-    nll = -conf.log() - shifted.label_logit / temperature
-    over, under, mce = _top_label_ece(conf, shifted.correct, n_bins)
-    _, a_conf, a_hits, _, _ = _binning.equal_mass_bins(conf[None, :], shifted.correct[None, :], n_bins)
+    over, under, mce = ece_parts(_binning.equal_width_bins(conf, shifted.correct, n_bins))
     return SweepPoint(
         temperature=temperature,
-        nll=float(nll.mean()),
+        nll=_nll(shifted, temperature, conf),
         confidence=float(conf.mean()),
         ece=over + under,
         ece_over=over,
         ece_under=under,
         mce=mce,
-        adaece=float((a_hits - a_conf).abs().sum()) / shifted.n,
+        adaece=adaece(conf, shifted.correct, n_bins),
     )
 
 
-def _top_label_ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> tuple[float, float, float]:
-    import torch
-
-    edges = _binning.inner_edges(n_bins, device=conf.device)
-    bins = _binning.equal_width_index(conf, edges)
-    count = torch.bincount(bins, minlength=n_bins).to(torch.float64)
-    gap = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, conf - correct)
-    n = conf.shape[0]
-    nonempty = count > 0
-    mce = float((gap[nonempty] / count[nonempty]).abs().max()) if bool(nonempty.any()) else 0.0
-    return float(gap.clamp_min(0).sum()) / n, float((-gap).clamp_min(0).sum()) / n, mce
+def _objective(shifted: ShiftedLogits, objective: str, temperature: float, n_bins: int) -> float:
+    """One evaluation of a search objective: only what it needs (no full sweep point)."""
+    if objective == "ace":
+        return adaptive_calibration_error_of_logits(shifted.shifted, shifted.labels, temperature, n_bins)
+    conf = shifted.confidence(temperature)
+    if objective == "adaece":
+        return adaece(conf, shifted.correct, n_bins)
+    over, under, _ = ece_parts(_binning.equal_width_bins(conf, shifted.correct, n_bins))
+    return over + under
 
 
 def _fit_nll(prepared: ShiftedLogits, lo: float, hi: float, tol: float) -> tuple[float, int, int]:
@@ -370,10 +429,7 @@ def _search(
     def value(t: float) -> float:
         nonlocal evals
         evals += 1
-        if objective == "ace":
-            return adaptive_calibration_error_of_logits(prepared.shifted, prepared.labels, t, n_bins)
-        p = _point(prepared, t, n_bins)
-        return p.ece if objective == "ece" else p.adaece
+        return _objective(prepared, objective, t, n_bins)
 
     temps = [p.temperature for p in points]
     if objective == "ace":
@@ -394,6 +450,26 @@ def _search(
             best_t, best_v = t, v
     best_t = min(max(best_t, lo), hi)
     return best_t, best_v, evals, evals
+
+
+def _search_paper(
+    prepared: ShiftedLogits, points: tuple[SweepPoint, ...], lo: float, hi: float, n_bins: int, tol: float
+) -> tuple[float, float, int, int]:
+    """ECE within :data:`PAPER_RANGE`; returns ``(T, value, evaluations, passes)`` as :func:`_search`."""
+    p_lo, p_hi = PAPER_RANGE
+    # ECE is bumpy in T: a fine grid over the range (plus the sweep's own points in it) finds
+    # the right dip before the golden-section refinement.
+    inside = {p.temperature: p for p in points if p_lo <= p.temperature <= p_hi}
+    for t in _grid(p_lo, p_hi, PAPER_GRID):
+        if t not in inside:
+            inside[t] = _point(prepared, t, n_bins)
+    paper_points = tuple(inside[t] for t in sorted(inside))
+    t, value, iterations, passes = _search(prepared, "ece", paper_points, p_lo, p_hi, n_bins, tol)
+    # The unrestricted ECE search may find a deeper dip that happens to lie inside the range.
+    t_all, v_all, it_all, ps_all = _search(prepared, "ece", points, lo, hi, n_bins, tol)
+    if p_lo <= t_all <= p_hi and v_all < value:
+        t, value = t_all, v_all
+    return t, value, iterations + it_all, passes + ps_all
 
 
 def _golden(value: Callable[[float], float], a: float, b: float, tol: float) -> tuple[float, float]:

@@ -30,12 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from calibrate_teacher.soft_labels import (
-    SoftLabelCache,
-    SoftLabelDataset,
-    export_soft_labels,
-    kd_loss,
-)
+from calibrate_teacher import TeacherSpec, export_soft_labels
+from calibrate_teacher.soft_labels import SoftLabelCache, SoftLabelDataset, kd_loss
 
 
 def make_tiny_setup(folder: Path) -> tuple[Path, Path]:
@@ -65,7 +61,7 @@ def make_tiny_setup(folder: Path) -> tuple[Path, Path]:
         torch.jit.save(torch.jit.script(teacher.eval()), str(teacher_path))
 
     cache = folder / "cache"
-    export_soft_labels(teacher_path, data, cache, temperature=3.0, shard_rows=128, device="cpu")
+    export_soft_labels(TeacherSpec(teacher_path, device="cpu"), data, cache, temperature=3.0, shard_rows=128)
     return cache, data
 
 

@@ -92,22 +92,23 @@ def test_neither_or_both_sources_is_an_error(cli, logit_file, tmp_path):
 
 
 def test_fit_passes_options_to_the_library(cli, logit_file, monkeypatch):
-    import calibrate_teacher.pipeline as pipeline
+    import calibrate_teacher.jobs as jobs
 
     seen = {}
-    original = pipeline.calibrate
+    original = jobs.calibrate
 
-    def spy(teacher, **kwargs):
-        seen.update(kwargs, teacher=teacher)
-        return original(teacher, **kwargs)
+    def spy(teacher, data, **kwargs):
+        seen.update(kwargs, teacher=teacher, data=data)
+        return original(teacher, data, **kwargs)
 
-    monkeypatch.setattr(pipeline, "calibrate", spy)
+    monkeypatch.setattr(jobs, "calibrate", spy)
     code, _, err = cli("fit", "--logits", str(logit_file), "--objective", "adaece", "--bounds", "0.5", "4",
                        "--n-bins", "10", "--grid", "8", "--bootstrap", "5", "--seed", "7", "--json")
     assert code == 0, err
-    assert seen["teacher"] is None and seen["objective"] == "adaece" and seen["bounds"] == (0.5, 4.0)
+    assert seen["teacher"] is None and seen["data"] is None and seen["logits"] == logit_file
+    assert seen["objective"] == "adaece" and seen["bounds"] == (0.5, 4.0)
     assert (seen["n_bins"], seen["grid"], seen["bootstrap"], seen["seed"]) == (10, 8, 5, 7)
-    assert seen["bake"] is False
+    assert seen["bake"] is True and seen["out"] is None  # nothing to bake without a TEACHER file
 
 
 def _subprocess(*args, env=None):

@@ -24,6 +24,7 @@ class ModuleTeacher:
     """A minimal Teacher: a torch module and the protocol's attributes."""
 
     format = "torchscript"
+    input_names = None  # one unnamed tensor
 
     def __init__(self, module, path, *, num_classes=4, input_spec=None, device="cpu"):
         self.module = module.to(device).eval()

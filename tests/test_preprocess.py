@@ -20,6 +20,7 @@ from calibrate_teacher.data.preprocess import (
 )
 from calibrate_teacher.data.transform import preprocess_image, resize_target
 from calibrate_teacher.errors import InputError, InvalidValueError
+from calibrate_teacher.teachers._preprocessing import find_model_preprocessing
 from calibrate_teacher.teachers.base import InputSpec
 
 # --- the transform, against hand-computed values ---------------------------------------------
@@ -246,76 +247,113 @@ def test_to_dict_from_dict_round_trip(
 SPEC = InputSpec(name="input", shape=(None, 3, 32, 32), dtype="float32")
 
 
-def test_input_shape_alone_fills_input_size(tmp_path):
-    config, origin = resolve_preprocess(model_path=tmp_path / "m.onnx", input_spec=SPEC)
-    assert config == PreprocessConfig(input_size=(3, 32, 32))
-    assert origin == "input shape of m.onnx: input_size; defaults: " + (
+def resolve(tmp_path, name="m.onnx", **kwargs):
+    """resolve_preprocess with the layers found beside tmp_path / name (as the jobs layer does)."""
+    model = tmp_path / name
+    return resolve_preprocess(model_layers=find_model_preprocessing(model), model_path=model, **kwargs)
+
+
+def test_input_shape_alone_fills_input_size_and_warns(tmp_path):
+    resolved = resolve(tmp_path, input_spec=SPEC)
+    assert resolved.config == PreprocessConfig(input_size=(3, 32, 32))
+    assert resolved.origin == "input shape of m.onnx: input_size; defaults: " + (
         "interpolation, crop_pct, crop_mode, mean, std"
+    )
+    assert resolved.from_defaults == ("interpolation", "crop_pct", "crop_mode", "mean", "std")
+    (warning,) = resolved.warnings
+    assert warning == (
+        "preprocessing: interpolation, crop_pct, crop_mode, mean, std from defaults (no sidecar "
+        "or model metadata found beside m.onnx); write m.preprocess.json beside the model or pass "
+        "--preprocess (or --interpolation/--crop-pct/--crop-mode/--mean/--std)"
     )
 
 
 @pytest.mark.parametrize("name", ["m.preprocess.json", "preprocess.json"])
 def test_sidecar_beats_input_shape(tmp_path, name):
     (tmp_path / name).write_text(json.dumps({"input_size": [1, 16, 16], "mean": 0.5, "std": 0.5}))
-    config, origin = resolve_preprocess(model_path=tmp_path / "m.onnx", input_spec=SPEC)
-    assert config.input_size == (1, 16, 16)
-    assert config.mean == (0.5,)
-    assert origin.startswith(f"{tmp_path / name} beside the model: input_size, mean, std")
+    resolved = resolve(tmp_path, input_spec=SPEC)
+    assert resolved.config.input_size == (1, 16, 16)
+    assert resolved.config.mean == (0.5,)
+    assert resolved.origin.startswith(f"{tmp_path / name} beside the model: input_size, mean, std")
+    assert "defaults: interpolation, crop_pct, crop_mode" in resolved.origin
+    (warning,) = resolved.warnings
+    assert warning.startswith(
+        f"preprocessing: interpolation, crop_pct, crop_mode from defaults (not given by {tmp_path / name}"
+    )
+
+
+def test_complete_sidecar_gives_no_warning(tmp_path):
+    full = PreprocessConfig(input_size=(3, 8, 8), mean=(0.5,), std=(0.5,))
+    (tmp_path / "m.preprocess.json").write_text(json.dumps(full.to_dict()))
+    resolved = resolve(tmp_path)
+    assert resolved.config == full
+    assert resolved.warnings == ()
+    assert resolved.from_defaults == ()
+    assert resolved.origin == f"{tmp_path / 'm.preprocess.json'} beside the model"
 
 
 def test_stem_sidecar_wins_over_folder_sidecar(tmp_path):
     (tmp_path / "preprocess.json").write_text(json.dumps({"input_size": [3, 8, 8]}))
     (tmp_path / "m.preprocess.json").write_text(json.dumps({"input_size": [3, 9, 9]}))
-    config, _ = resolve_preprocess(model_path=tmp_path / "m.onnx")
-    assert config.input_size == (3, 9, 9)
+    assert resolve(tmp_path).config.input_size == (3, 9, 9)
+
+
+def test_resolve_preprocess_never_looks_beside_the_model(tmp_path):
+    # The lookup lives in teachers/_preprocessing.py; data/ only stacks what it is given.
+    (tmp_path / "m.preprocess.json").write_text(json.dumps({"input_size": [3, 9, 9]}))
+    resolved = resolve_preprocess(model_path=tmp_path / "m.onnx", input_spec=SPEC)
+    assert resolved.config.input_size == (3, 32, 32)
 
 
 def test_hub_config_json_with_pretrained_cfg(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architecture": "resnet18", "pretrained_cfg": {"input_size": [3, 64, 64]}})
     )
-    config, origin = resolve_preprocess(model_path=tmp_path / "model.safetensors")
-    assert config.input_size == (3, 64, 64)
-    assert "config.json beside the model" in origin
+    resolved = resolve(tmp_path, "model.safetensors")
+    assert resolved.config == PreprocessConfig(input_size=(3, 64, 64), interpolation="bicubic")
+    hub = tmp_path / "config.json"
+    # What timm itself uses for the keys the file leaves out is timm's, not our guess.
+    assert resolved.origin == (
+        "timm's defaults for config.json: interpolation, crop_pct, crop_mode, mean, std; "
+        f"{hub} (timm pretrained_cfg) beside the model: input_size"
+    )
+    assert resolved.warnings == ()
 
 
 def test_unrelated_config_json_is_ignored(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3}))
-    config, _ = resolve_preprocess(model_path=tmp_path / "m.onnx", input_spec=SPEC)
-    assert config.input_size == (3, 32, 32)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3, "architectures": ["Bert"]}))
+    assert find_model_preprocessing(tmp_path / "m.onnx") == ()
+    assert resolve(tmp_path, input_spec=SPEC).config.input_size == (3, 32, 32)
 
 
 def test_explicit_file_beats_sidecar_and_overrides_win(tmp_path):
-    (tmp_path / "m.preprocess.json").write_text(json.dumps({"input_size": [3, 9, 9]}))
+    (tmp_path / "m.preprocess.json").write_text(json.dumps({"input_size": [3, 9, 9], "std": 0.5}))
     explicit = tmp_path / "mine.json"
     explicit.write_text(json.dumps({"input_size": [3, 10, 10], "crop_pct": 0.5}))
-    config, origin = resolve_preprocess(
-        preprocess=explicit,
-        overrides={"crop_pct": 1.0, "interpolation": None},
-        model_path=tmp_path / "m.onnx",
-    )
-    assert config.input_size == (3, 10, 10)
-    assert config.crop_pct == 1.0
-    assert origin == f"{explicit}: input_size; overrides: crop_pct; defaults: " + (
-        "interpolation, crop_mode, mean, std"
+    resolved = resolve(tmp_path, preprocess=explicit, overrides={"crop_pct": 1.0, "interpolation": None})
+    assert resolved.config.input_size == (3, 10, 10)
+    assert resolved.config.crop_pct == 1.0
+    assert resolved.config.std == (0.5,) * 3
+    assert resolved.origin == (
+        f"{tmp_path / 'm.preprocess.json'} beside the model: std; {explicit}: input_size; "
+        "overrides: crop_pct; defaults: interpolation, crop_mode, mean"
     )
 
 
 def test_explicit_config_object(tmp_path):
     given_config = PreprocessConfig(input_size=(1, 5, 5), mean=(0.1,), std=(0.2,))
-    config, origin = resolve_preprocess(preprocess=given_config, input_spec=SPEC)
-    assert config == given_config
-    assert origin == "the given config"
+    resolved = resolve_preprocess(preprocess=given_config, input_spec=SPEC)
+    assert resolved.config == given_config
+    assert resolved.origin == "the given config"
+    assert resolved.warnings == ()
 
 
 def test_no_input_size_anywhere_is_a_clear_error(tmp_path):
     dynamic = InputSpec(name="x", shape=(None, 3, None, None), dtype="float32")
     with pytest.raises(InputError, match=r"cannot tell the input size for m.onnx.*--input-size"):
-        resolve_preprocess(model_path=tmp_path / "m.onnx", input_spec=dynamic)
-    config, _ = resolve_preprocess(
-        model_path=tmp_path / "m.onnx", input_spec=dynamic, overrides={"input_size": (3, 7, 7)}
-    )
-    assert config.input_size == (3, 7, 7)
+        resolve(tmp_path, input_spec=dynamic)
+    resolved = resolve(tmp_path, input_spec=dynamic, overrides={"input_size": (3, 7, 7)})
+    assert resolved.config.input_size == (3, 7, 7)
 
 
 def test_bad_files_and_keys(tmp_path):
@@ -327,3 +365,9 @@ def test_bad_files_and_keys(tmp_path):
         resolve_preprocess(preprocess=bad)
     with pytest.raises(InputError, match=r"override 'crop': unknown key"):
         resolve_preprocess(input_spec=SPEC, overrides={"crop": 1.0})
+    (tmp_path / "m.preprocess.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match=r"m.preprocess.json: expected a JSON object"):
+        find_model_preprocessing(tmp_path / "m.onnx")
+    (tmp_path / "m.preprocess.json").write_text('{"input_size": [3, 8, 8], "crop_pc": 1}')
+    with pytest.raises(InputError, match=r"m.preprocess.json beside the model: unknown .*'crop_pct'"):
+        resolve(tmp_path)

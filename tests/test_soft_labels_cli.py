@@ -20,6 +20,7 @@ from _cache_fixtures import (
 from safetensors.numpy import load_file
 
 from calibrate_teacher.soft_labels import Calibration, SoftLabelCache, SoftLabelDataset
+from calibrate_teacher.specs import DataSpec, TeacherSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,19 +113,18 @@ def test_cli_passes_options_to_the_library(monkeypatch, tmp_path, cli):
         calls.update(teacher=teacher, data=data, out=out, **kwargs)
         raise SystemExit(0)
 
-    import calibrate_teacher.soft_labels as soft_labels
+    import calibrate_teacher.jobs as jobs
 
-    monkeypatch.setattr(soft_labels, "export_soft_labels", fake_export)
+    monkeypatch.setattr(jobs, "export_soft_labels", fake_export)
     code, _, err = cli("export-soft-labels", "t.onnx", "--data", "train/", "--out", "cache",
                        "-t", "1.5", "--top-k", "0", "--batch-size", "32", "--workers", "2",
                        "--shard-rows", "1000", "--no-resume", "--overwrite", "--device", "cpu",
                        "--output", "logits", "--mean", "0.5,0.5,0.5")
     assert code == 0, err
-    assert calls["teacher"] == Path("t.onnx") and calls["data"] == Path("train/")
+    assert calls["teacher"] == TeacherSpec(Path("t.onnx"), device="cpu", output="logits")
+    assert calls["data"] == DataSpec(Path("train/"), overrides={"mean": (0.5, 0.5, 0.5)}, batch_size=32, workers=2)
     assert calls["temperature"] == Calibration(1.5)
-    assert (calls["top_k"], calls["batch_size"], calls["workers"], calls["shard_rows"]) == (0, 32, 2, 1000)
-    assert (calls["resume"], calls["overwrite"], calls["device"], calls["output"]) == (False, True, "cpu", "logits")
-    assert calls["preprocess_overrides"] == {"mean": (0.5, 0.5, 0.5)}
+    assert (calls["top_k"], calls["shard_rows"], calls["resume"], calls["overwrite"]) == (0, 1000, False, True)
 
 
 def test_inspect_table_and_json(setup, tmp_path, cli):

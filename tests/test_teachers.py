@@ -214,7 +214,7 @@ def _bad_files(d, files):
     torch.save({"model": torch.nn.Linear(2, 2)}, d / "module.pt")  # a pickled nn.Module
     return {
         "missing file": (d / "nope.onnx", {}, InputError, "does not exist"),
-        "unknown suffix": (d / "model.h5", {}, InputError, "unknown teacher suffix"),
+        "unknown suffix": (d / "model.h5", {}, InputError, "names no format we read"),
         "empty": (d / "empty.onnx", {}, InputError, "empty"),
         "random onnx": (d / "random.onnx", {}, InputError, "not an ONNX model"),
         "truncated onnx": (d / "truncated.onnx", {}, InputError, "not a valid ONNX model"),

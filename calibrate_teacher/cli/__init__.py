@@ -55,15 +55,24 @@ app.command("export-soft-labels")(export_soft_labels.export_soft_labels)
 app.command("inspect")(inspect_cache.inspect_cache)
 
 
+_INTERRUPTED = 130
+_INTERRUPTED_LINE = "Interrupted. Completed outputs are kept; rerun the same command to resume."
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; known errors become one line on stderr and exit code 1."""
     try:
         app(args=argv, prog_name="calibrate-teacher")
-    except KeyboardInterrupt:
+    except SystemExit as exc:
+        # Typer turns Ctrl-C (KeyboardInterrupt) into exit code 130 before we could see it.
+        if exc.code == _INTERRUPTED:
+            err.print(_INTERRUPTED_LINE, markup=False, highlight=False)
+        raise
+    except KeyboardInterrupt:  # raised outside Typer's own handler (while it starts up)
         if debug_enabled():
             raise
-        err.print("Interrupted. Completed outputs are kept; rerun the command to resume.", markup=False)
-        sys.exit(130)
+        err.print(_INTERRUPTED_LINE, markup=False, highlight=False)
+        sys.exit(_INTERRUPTED)
     except Exception as exc:
         message = format_known_exception(exc)
         if message is None or debug_enabled():

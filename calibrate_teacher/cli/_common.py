@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,45 +12,31 @@ from calibrate_teacher.cli._console import err, note, out, print_json, warn
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
+    from calibrate_teacher.jobs import LogitSource
     from calibrate_teacher.metrics import CalibrationMetrics
-    from calibrate_teacher.pipeline import LogitSource
 
 
-def collect_source(
-    *,
-    teacher: Path | None,
-    logits: Path | None,
-    labels: Path | None,
-    data: Path | None,
-    device: str,
-    output: str | None,
-    arch: str | None,
-    arch_kwargs: str | None,
-    preprocess: Path | None,
-    overrides: Mapping[str, object],
-    classes: Path | None,
-    skip_bad: bool,
-    batch_size: int,
-    workers: int,
-    save_logits: Path | None,
-    overwrite: bool,
-) -> LogitSource:
-    """Call :func:`calibrate_teacher.pipeline.obtain_logits` with a progress bar; print its notes."""
+@contextlib.contextmanager
+def teacher_progress(runs_teacher: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar for the teacher run (none when only logits are read)."""
+    if not runs_teacher:
+        yield None
+        return
     from calibrate_teacher.cli._progress import progress_bar
-    from calibrate_teacher.pipeline import obtain_logits
 
     with progress_bar("teacher", unit="samples") as advance:
-        source = obtain_logits(
-            logits=logits, labels=labels, teacher=teacher, data=data, device=device, output=output,
-            arch=arch, arch_kwargs=arch_kwargs, preprocess=preprocess, preprocess_overrides=overrides or None,
-            classes=classes, skip_bad=skip_bad, batch_size=batch_size, workers=workers,
-            save_logits=save_logits, overwrite=overwrite, progress=advance,
-        )
+        yield advance
+
+
+def print_notes(source: LogitSource) -> None:
+    """Print what loading the teacher and data had to say, and the skipped samples, on stderr."""
     for line in source.notes:
         note(line)
     if source.skipped:
-        warn(f"skipped {len(source.skipped)} unreadable sample(s); they are listed in the report")
-    return source
+        warn(
+            f"skipped {len(source.skipped)} unreadable sample(s) or folder entries; they are listed "
+            "in the report"
+        )
 
 
 def precheck_outputs(*paths: Path | None, overwrite: bool, diagram: Path | None = None) -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 from rich.console import Console
 
-out = Console()
-err = Console(stderr=True)
+# emoji=False: ":factory:" in a message (an --arch value) must print as typed, not as an emoji.
+out = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 
 
 def print_json(document: Any) -> None:
@@ -20,7 +21,9 @@ def print_json(document: Any) -> None:
 
 def warn(message: str) -> None:
     """Print a one-line warning on stderr."""
-    err.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from calibrate_teacher.data.preprocess import CropMode, Interpolation
+
 DataOpt = Annotated[
     Path | None,
     typer.Option(
@@ -48,12 +50,17 @@ StdOpt = Annotated[
     str | None, typer.Option("--std", help="Override the normalisation std, e.g. 0.229,0.224,0.225.")
 ]
 InterpolationOpt = Annotated[
-    str | None, typer.Option("--interpolation", help="Override the resize interpolation (bilinear, bicubic, nearest).")
+    Interpolation | None, typer.Option("--interpolation", help="Override the resize interpolation.")
 ]
 CropPctOpt = Annotated[
     float | None, typer.Option("--crop-pct", help="Override crop_pct (resize to size / crop_pct, then crop).")
 ]
-CropModeOpt = Annotated[str | None, typer.Option("--crop-mode", help="Override crop_mode (center, squash, border).")]
+CropModeOpt = Annotated[
+    CropMode | None,
+    typer.Option(
+        "--crop-mode", help="Override crop_mode: center (keep the aspect ratio, crop) or squash (resize both sides)."
+    ),
+]
 ClassesOpt = Annotated[
     Path | None,
     typer.Option("--classes", help="A text file with one class name per line, in label order.", dir_okay=False),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from calibrate_teacher._io import FILESYSTEM_ERRNOS
 from calibrate_teacher.errors import (
     BakeError,
     CacheError,
@@ -11,6 +12,7 @@ from calibrate_teacher.errors import (
     InputError,
     InvalidValueError,
     MissingDependencyError,
+    OutputError,
     OutputExistsError,
     TeacherError,
 )
@@ -18,6 +20,7 @@ from calibrate_teacher.errors import (
 #: Error type -> the label printed before its message. Order matters: the first match wins.
 CLI_ERROR_LABELS: tuple[tuple[type[BaseException], str], ...] = (
     (OutputExistsError, "output exists"),
+    (OutputError, "cannot write"),
     (MissingDependencyError, "missing dependency"),
     (InvalidValueError, "invalid input"),
     (InputError, "bad input"),
@@ -36,9 +39,16 @@ def debug_enabled() -> bool:
 
 
 def format_known_exception(exc: BaseException) -> str | None:
-    """Return the one-line message for a known error, or None for anything else (a bug)."""
+    """Return the one-line message for a known error, or None for anything else (a bug).
+
+    Besides our own errors, an ``OSError`` that the file system raised (no space, read-only,
+    permission denied...) is known: it names its file where the OS said which one.
+    """
     for kind, label in CLI_ERROR_LABELS:
         if isinstance(exc, kind):
             text = " ".join(str(exc).split())
             return f"Error ({label}): {text}"
+    if isinstance(exc, OSError) and exc.errno in FILESYSTEM_ERRNOS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"Error (file system): {where}{exc.strerror}; nothing was half-written, fix it and rerun"
     return None

@@ -26,10 +26,21 @@ NBinsOpt = Annotated[
         "--n-bins", "--bins", min=1, max=10_000, help="Number of bins for ECE/MCE/AdaECE/ACE."
     ),
 ]
+def _device(value: str) -> str:
+    import re
+
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
 DeviceOpt = Annotated[
     str,
     typer.Option(
-        "--device", help="Where the teacher runs: auto (CUDA when present), cpu, cuda or cuda:N."
+        "--device",
+        callback=_device,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="Where the teacher runs: auto (CUDA when present), cpu, cuda or cuda:N.",
     ),
 ]
 BatchSizeOpt = Annotated[

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from calibrate_teacher.cli import _options as o
-from calibrate_teacher.cli import _teacher_options as to
 from calibrate_teacher.cli._console import err, note, out, print_json
+from calibrate_teacher.cli._specs import teacher_group, with_options
+from calibrate_teacher.specs import TeacherSpec
 
 TemperatureOpt = Annotated[
     float,
@@ -21,6 +22,7 @@ TemperatureOpt = Annotated[
 ]
 
 
+@with_options(teacher_group(head=True))
 def bake(
     teacher: Annotated[
         Path,
@@ -40,12 +42,8 @@ def bake(
         ),
     ] = None,
     overwrite: o.OverwriteOpt = False,
-    head: to.HeadOpt = None,
-    output: to.OutputNameOpt = None,
-    arch: to.ArchOpt = None,
-    arch_kwargs: to.ArchKwargsOpt = None,
-    device: o.DeviceOpt = "auto",
     json_output: o.JsonOpt = False,
+    teacher_spec: TeacherSpec | None = None,
 ) -> None:
     """Bake a temperature into TEACHER: the same format, with outputs = logits / T.
 
@@ -68,19 +66,14 @@ def bake(
 
     from calibrate_teacher.baking import bake_temperature, default_baked_path
 
+    assert teacher_spec is not None
     target = out_path if out_path is not None else default_baked_path(teacher)
-
+    spec = teacher_spec
     with err.status(f"baking T = {temperature:g} into {escape(teacher.name)}", spinner="dots"):
         result = bake_temperature(
-            teacher,
-            temperature,
-            target,
-            overwrite=overwrite,
-            device=device,
-            output=output,
-            arch=arch,
-            arch_kwargs=arch_kwargs,
-            head=head,
+            teacher, temperature, target, overwrite=overwrite, device=spec.device,
+            output=None if spec.output is None else str(spec.output), arch=spec.arch,
+            arch_kwargs=spec.arch_kwargs, head=spec.head,
         )
     for line in result.notes:
         note(line)

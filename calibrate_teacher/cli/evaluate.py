@@ -9,8 +9,15 @@ import typer
 
 from calibrate_teacher.cli import _data_options as do
 from calibrate_teacher.cli import _options as o
-from calibrate_teacher.cli import _teacher_options as to
-from calibrate_teacher.cli._common import collect_source, precheck_outputs, render_or_json, write_outputs
+from calibrate_teacher.cli._common import (
+    precheck_outputs,
+    print_notes,
+    render_or_json,
+    teacher_progress,
+    write_outputs,
+)
+from calibrate_teacher.cli._specs import data_group, teacher_group, with_options
+from calibrate_teacher.specs import DataSpec, TeacherSpec
 
 TeacherArg = Annotated[
     Path | None,
@@ -18,10 +25,10 @@ TeacherArg = Annotated[
 ]
 
 
+@with_options(teacher_group(head=False), data_group())
 def evaluate(
     teacher: TeacherArg = None,
     logits: do.LogitsOpt = None,
-    data: do.DataOpt = None,
     labels: o.LogitsLabelsOpt = None,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="Measure softmax(logits / T).")
@@ -37,21 +44,8 @@ def evaluate(
     ] = None,
     save_logits: do.SaveLogitsOpt = None,
     overwrite: o.OverwriteOpt = False,
-    device: o.DeviceOpt = "auto",
-    batch_size: o.BatchSizeOpt = 64,
-    workers: o.WorkersOpt = 0,
-    output: to.OutputNameOpt = None,
-    arch: to.ArchOpt = None,
-    arch_kwargs: to.ArchKwargsOpt = None,
-    preprocess: do.PreprocessOpt = None,
-    input_size: do.InputSizeOpt = None,
-    mean: do.MeanOpt = None,
-    std: do.StdOpt = None,
-    interpolation: do.InterpolationOpt = None,
-    crop_pct: do.CropPctOpt = None,
-    crop_mode: do.CropModeOpt = None,
-    classes: do.ClassesOpt = None,
-    skip_bad: do.SkipBadOpt = False,
+    teacher_spec: TeacherSpec | None = None,
+    data_spec: DataSpec | None = None,
 ) -> None:
     """Measure a teacher's calibration: accuracy, NLL, Brier, ECE (over/under), MCE, AdaECE, ACE, TACE, classwise ECE.
 
@@ -64,21 +58,18 @@ def evaluate(
       calibrate-teacher evaluate --logits val.safetensors --n-bins 20 --json
       calibrate-teacher evaluate examples/digits/teacher.onnx --data examples/digits/val --diagram rel.png
     """
-    from calibrate_teacher.pipeline import evaluate as run_evaluate
+    from calibrate_teacher.jobs import evaluate as run_evaluate
     from calibrate_teacher.report import evaluation_document, metrics_table, reliability_text
 
-    overrides = do.preprocess_overrides(
-        input_size=input_size, mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode
-    )
     if teacher is not None and logits is not None:
         raise typer.BadParameter("give TEACHER with --data, or --logits alone (the teacher is not run on --logits)")
-    precheck_outputs(report, save_logits, overwrite=overwrite, diagram=diagram)
-    source = collect_source(
-        teacher=teacher, logits=logits, labels=labels, data=data, device=device, output=output, arch=arch,
-        arch_kwargs=arch_kwargs, preprocess=preprocess, overrides=overrides, classes=classes, skip_bad=skip_bad,
-        batch_size=batch_size, workers=workers, save_logits=save_logits, overwrite=overwrite,
-    )
-    result = run_evaluate(source, temperature=temperature, n_bins=n_bins, bootstrap=bootstrap, seed=seed)
-    document = evaluation_document(result.metrics, source=source.description)
+    precheck_outputs(report, overwrite=overwrite, diagram=diagram)
+    with teacher_progress(logits is None) as advance:
+        result = run_evaluate(
+            teacher_spec, data_spec, logits=logits, labels=labels, temperature=temperature, n_bins=n_bins,
+            bootstrap=bootstrap, seed=seed, save_logits=save_logits, overwrite=overwrite, progress=advance,
+        )
+    print_notes(result.source)
+    document = evaluation_document(result)
     write_outputs(document, report=report, diagram=diagram, before=result.metrics, after=None, overwrite=overwrite)
     render_or_json(document, json_output, [metrics_table(result.metrics), reliability_text(result.metrics)])

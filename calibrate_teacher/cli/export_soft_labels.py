@@ -7,27 +7,29 @@ from typing import Annotated
 
 import typer
 
-from calibrate_teacher.cli import _data_options as do
 from calibrate_teacher.cli import _options as o
-from calibrate_teacher.cli import _teacher_options as to
 from calibrate_teacher.cli._console import note, out, print_json
+from calibrate_teacher.cli._specs import data_group, teacher_group, with_options
 from calibrate_teacher.soft_labels.writer import DEFAULT_SHARD_ROWS
+from calibrate_teacher.specs import DataSpec, TeacherSpec
+
+TrainDataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Training data: an image folder (train/<class>/<image>) or an "
+        ".npz/.safetensors/.npy file with 'inputs' and 'labels'.",
+    ),
+]
 
 
+@with_options(teacher_group(head=False), data_group(data=TrainDataOpt, required=True, skip_bad=False))
 def export_soft_labels(
     teacher: Annotated[
         Path,
         typer.Argument(
             help="Teacher model (.onnx, TorchScript .pt, .safetensors with --arch, .pt2).",
             dir_okay=False,
-        ),
-    ],
-    data: Annotated[
-        Path,
-        typer.Option(
-            "--data",
-            help="Training data: an image folder (train/<class>/<image>) or an "
-            ".npz/.safetensors/.npy file with 'inputs' and 'labels'.",
         ),
     ],
     out_dir: Annotated[
@@ -59,8 +61,6 @@ def export_soft_labels(
     shard_rows: Annotated[
         int, typer.Option("--shard-rows", min=1, help="Rows per shard file.")
     ] = DEFAULT_SHARD_ROWS,
-    batch_size: o.BatchSizeOpt = 64,
-    workers: o.WorkersOpt = 0,
     overwrite: o.OverwriteOpt = False,
     resume: Annotated[
         bool,
@@ -69,27 +69,19 @@ def export_soft_labels(
             help="Continue an interrupted export into --out (--no-resume: start it over).",
         ),
     ] = True,
-    device: o.DeviceOpt = "auto",
-    output: to.OutputNameOpt = None,
-    arch: to.ArchOpt = None,
-    arch_kwargs: to.ArchKwargsOpt = None,
-    preprocess: do.PreprocessOpt = None,
-    input_size: do.InputSizeOpt = None,
-    mean: do.MeanOpt = None,
-    std: do.StdOpt = None,
-    interpolation: do.InterpolationOpt = None,
-    crop_pct: do.CropPctOpt = None,
-    crop_mode: do.CropModeOpt = None,
-    classes: do.ClassesOpt = None,
     json_output: o.JsonOpt = False,
+    teacher_spec: TeacherSpec | None = None,
+    data_spec: DataSpec | None = None,
 ) -> None:
     """Run TEACHER over --data once and store its calibrated soft labels (logits / T) in --out.
 
     Any KD trainer can then read them with calibrate_teacher.SoftLabelCache / SoftLabelDataset
     instead of running the teacher. T comes from --temperature or from the report of `fit`
     (--from-report); the manifest keeps it. Trainers that divide teacher and student by their
-    own KD tau see the teacher at tau * T. An interrupted export resumes when rerun. Under
-    torchrun every rank writes its own shards; the manifest is written once all are done.
+    own KD tau see the teacher at tau * T. An interrupted export resumes when rerun; rerunning a
+    finished one changes nothing and exits 0. A second export into the same --out fails at
+    once. Under torchrun every rank writes its own shards; the manifest is written once all
+    are done.
 
     Examples:
       calibrate-teacher export-soft-labels teacher.onnx --data train/ --out cache/ -t 1.5
@@ -102,7 +94,8 @@ def export_soft_labels(
     from calibrate_teacher._distributed import distributed_context
     from calibrate_teacher.cli._progress import progress_bar
     from calibrate_teacher.cli.inspect_cache import cache_table
-    from calibrate_teacher.soft_labels import Calibration, describe_cache, export_soft_labels
+    from calibrate_teacher.jobs import export_soft_labels
+    from calibrate_teacher.soft_labels import Calibration, describe_cache
 
     if (temperature is None) == (from_report is None):
         raise typer.BadParameter("give exactly one of --temperature T or --from-report FILE")
@@ -111,18 +104,20 @@ def export_soft_labels(
     else:
         assert temperature is not None
         calibration = Calibration(temperature)
-    overrides = do.preprocess_overrides(
-        input_size=input_size, mean=mean, std=std, interpolation=interpolation,
-        crop_pct=crop_pct, crop_mode=crop_mode,
-    )
+    assert teacher_spec is not None
+    assert data_spec is not None
     main_rank = distributed_context().is_main
+    notes: list[str] = []
+
+    def tell(line: str) -> None:
+        notes.append(line)
+        note(line)
+
     with progress_bar("soft labels", unit="rows") as advance:
         manifest = export_soft_labels(
-            teacher, data, out_dir, temperature=calibration, top_k=top_k, batch_size=batch_size,
-            workers=workers, shard_rows=shard_rows, overwrite=overwrite, resume=resume,
-            device=device, output=output, arch=arch, arch_kwargs=arch_kwargs,
-            preprocess=preprocess, preprocess_overrides=overrides or None, classes=classes,
-            progress=advance if main_rank else None,
+            teacher_spec, data_spec, out_dir, temperature=calibration, top_k=top_k, shard_rows=shard_rows,
+            overwrite=overwrite, resume=resume, progress=advance if main_rank else None,
+            notify=tell if main_rank else None,
         )
     if not main_rank:  # rank 0 speaks for the run
         return
@@ -130,4 +125,5 @@ def export_soft_labels(
         print_json({"cache": str(out_dir), "manifest": manifest.to_json()})
         return
     out.print(cache_table(describe_cache(out_dir)))
-    note(f"soft labels written to {out_dir} (values = logits / {manifest.temperature:g})")
+    if not notes:  # e.g. "already complete; nothing to do" was said instead
+        note(f"soft labels written to {out_dir} (values = logits / {manifest.temperature:g})")

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from calibrate_teacher.cli import _data_options as do
 from calibrate_teacher.cli import _options as o
-from calibrate_teacher.cli import _teacher_options as to
-from calibrate_teacher.cli._common import collect_source, precheck_outputs, render_or_json, write_outputs
+from calibrate_teacher.cli._common import (
+    precheck_outputs,
+    print_notes,
+    render_or_json,
+    teacher_progress,
+    write_outputs,
+)
 from calibrate_teacher.cli._console import note
+from calibrate_teacher.cli._specs import data_group, teacher_group, with_options
 from calibrate_teacher.cli.evaluate import TeacherArg
+from calibrate_teacher.specs import DataSpec, TeacherSpec
+
+#: The objectives --objective offers (``fixed`` is spelled --temperature T).
+SearchObjective = Literal["ece", "nll", "adaece", "ace", "paper"]
 
 
+@with_options(teacher_group(head=True), data_group())
 def fit(
     teacher: TeacherArg = None,
     logits: do.LogitsOpt = None,
-    data: do.DataOpt = None,
     labels: o.LogitsLabelsOpt = None,
     objective: Annotated[
-        str,
+        SearchObjective,
         typer.Option(
             "--objective",
             help="What T minimises: ece (default; the paper ties the teacher's ECE to student accuracy), "
@@ -57,22 +67,8 @@ def fit(
     ] = None,
     save_logits: do.SaveLogitsOpt = None,
     overwrite: o.OverwriteOpt = False,
-    device: o.DeviceOpt = "auto",
-    batch_size: o.BatchSizeOpt = 64,
-    workers: o.WorkersOpt = 0,
-    output: to.OutputNameOpt = None,
-    arch: to.ArchOpt = None,
-    arch_kwargs: to.ArchKwargsOpt = None,
-    head: to.HeadOpt = None,
-    preprocess: do.PreprocessOpt = None,
-    input_size: do.InputSizeOpt = None,
-    mean: do.MeanOpt = None,
-    std: do.StdOpt = None,
-    interpolation: do.InterpolationOpt = None,
-    crop_pct: do.CropPctOpt = None,
-    crop_mode: do.CropModeOpt = None,
-    classes: do.ClassesOpt = None,
-    skip_bad: do.SkipBadOpt = False,
+    teacher_spec: TeacherSpec | None = None,
+    data_spec: DataSpec | None = None,
 ) -> None:
     """Find the temperature T that calibrates the teacher, report before/after, and bake T into TEACHER.
 
@@ -88,38 +84,21 @@ def fit(
       calibrate-teacher fit teacher.onnx --logits val.safetensors --temperature 1.5 --out teacher.t15.onnx
       calibrate-teacher fit teacher.onnx --data val/ --save-logits val.safetensors --report fit.json
     """
-    from calibrate_teacher.pipeline import calibrate
+    from calibrate_teacher.jobs import calibrate
     from calibrate_teacher.report import fit_document, fit_summary, metrics_table, reliability_text, sweep_table
-    from calibrate_teacher.temperature import OBJECTIVES
 
-    if objective not in OBJECTIVES or objective == "fixed":
-        raise typer.BadParameter(f"--objective must be one of nll, ece, adaece, ace, paper; got {objective!r}")
     if out is not None and teacher is None:
         raise typer.BadParameter("--out needs a TEACHER model to bake")
-    overrides = do.preprocess_overrides(
-        input_size=input_size, mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode
-    )
-    bake = teacher is not None and not no_bake
-    baked_path = None
-    if bake and teacher is not None:
-        from calibrate_teacher.baking import default_baked_path
-
-        baked_path = out or default_baked_path(teacher)
-    precheck_outputs(report, save_logits, baked_path, overwrite=overwrite, diagram=diagram)
-    source = collect_source(
-        teacher=teacher, logits=logits, labels=labels, data=data, device=device, output=output, arch=arch,
-        arch_kwargs=arch_kwargs, preprocess=preprocess, overrides=overrides, classes=classes, skip_bad=skip_bad,
-        batch_size=batch_size, workers=workers, save_logits=save_logits, overwrite=overwrite,
-    )
-    run = calibrate(
-        teacher, logits=source, objective="fixed" if temperature is not None else objective,  # type: ignore[arg-type]
-        temperature=temperature, bounds=bounds, n_bins=n_bins, grid=grid, bootstrap=bootstrap, seed=seed,
-        out=baked_path, bake=bake, overwrite=overwrite, head=head, device=device, output=output, arch=arch,
-        arch_kwargs=arch_kwargs,
-    )
-    document = fit_document(run.fit, source=source.description)
-    if run.baked is not None:
-        document["baked"] = run.baked.to_dict()
+    precheck_outputs(report, overwrite=overwrite, diagram=diagram)
+    with teacher_progress(logits is None) as advance:
+        run = calibrate(
+            teacher_spec, data_spec, logits=logits, labels=labels,
+            objective="fixed" if temperature is not None else objective, temperature=temperature, bounds=bounds,
+            n_bins=n_bins, grid=grid, bootstrap=bootstrap, seed=seed, out=out, bake=not no_bake,
+            save_logits=save_logits, overwrite=overwrite, progress=advance,
+        )
+    print_notes(run.source)
+    document = fit_document(run)
     write_outputs(document, report=report, diagram=diagram, before=run.fit.before, after=run.fit.after,
                   overwrite=overwrite)
     if run.baked is not None:

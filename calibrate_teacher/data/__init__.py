@@ -1,4 +1,4 @@
-"""Data sources that feed a teacher: image folders and array files.
+"""Data sources that feed a teacher: image folders, array files, and any iterable of batches.
 
 :func:`open_data` picks the source from the path: a folder is an ImageFolder layout
 (``val/<class>/<image>``, see :mod:`calibrate_teacher.data.images`), a ``.npz`` /
@@ -6,19 +6,24 @@
 :mod:`calibrate_teacher.data.arrays`). Given the teacher, it also finds the preprocessing
 (:func:`~calibrate_teacher.data.preprocess.resolve_preprocess`) and checks that the data fits
 the model (input shape, number of classes) before a single image is decoded.
+
+:func:`as_source` takes what a KD script holds instead: a DataLoader (or any iterable of
+``(inputs, labels)`` pairs or of mappings with ``labels``) becomes an
+:class:`~calibrate_teacher.data.iterable.IterableSource`, read as it yields.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate_teacher.data.arrays import ARRAY_SUFFIXES, ArraySource
 from calibrate_teacher.data.base import Batch, DataSource
 from calibrate_teacher.data.images import IMAGE_SUFFIXES, ImageFolderSource, read_class_list
-from calibrate_teacher.data.preprocess import PreprocessConfig, resolve_preprocess
+from calibrate_teacher.data.iterable import IterableSource
+from calibrate_teacher.data.preprocess import ModelLayer, PreprocessConfig, ResolvedPreprocess, resolve_preprocess
 from calibrate_teacher.errors import InputError, InvalidValueError
 
 if TYPE_CHECKING:
@@ -31,7 +36,10 @@ __all__ = [
     "Batch",
     "DataSource",
     "ImageFolderSource",
+    "IterableSource",
     "PreprocessConfig",
+    "ResolvedPreprocess",
+    "as_source",
     "open_data",
     "read_class_list",
     "resolve_preprocess",
@@ -45,6 +53,7 @@ def open_data(
     *,
     preprocess: str | os.PathLike[str] | PreprocessConfig | None = None,
     overrides: Mapping[str, object] | None = None,
+    model_layers: Sequence[ModelLayer] = (),
     teacher: Teacher | None = None,
     classes: Sequence[str] | str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
@@ -54,24 +63,31 @@ def open_data(
     Args:
         path: A folder in the ImageFolder layout, or a ``.npz`` / ``.safetensors`` / ``.npy``
             file of preprocessed ``inputs`` and ``labels``.
-        preprocess: Image folders only: a preprocess JSON file or a config; by default the
-            sidecar beside the teacher, then the teacher's input shape.
+        preprocess: Image folders only: a preprocess JSON file or a config; its keys win over
+            ``model_layers`` and the teacher's input shape.
         overrides: Image folders only: single preprocessing keys that win (CLI flags); keys
             whose value is None are ignored.
-        teacher: The teacher the data is for: gives the sidecar location and input shape,
-            and the number of classes the data must match.
+        model_layers: Image folders only: the preprocessing the teacher's own files give
+            (``teachers._preprocessing.find_model_preprocessing(teacher.path)``: its metadata,
+            then its sidecar), lowest first. This module never looks beside the model itself.
+        teacher: The teacher the data is for: gives the input shape (and its name in
+            messages), and the number of classes the data must match.
         classes: Class names in label order, or a text file of them (one per line); by
             default ``classes.txt`` in the folder, else the sorted subfolder names.
         skip_bad: Skip unreadable images (listed in ``source.skipped``) instead of failing.
 
     Returns:
         The source; it satisfies :class:`DataSource` and also has ``description`` (for
-        reports) and ``skipped``.
+        reports) and ``skipped``. For an image folder, ``description["preprocess_from"]``
+        names where each preprocessing key came from (``defaults`` included) and
+        ``description["preprocess_warnings"]`` lists one-line warnings (keys taken from the
+        defaults, with the fix) for stderr.
 
     Raises:
         InputError: the path is missing or holds the wrong thing, or the data does not fit
             the teacher (input shape, class count).
-        InvalidValueError: preprocessing options given for an array file.
+        InvalidValueError: preprocessing options given for an array file (``model_layers``
+            are ignored there: arrays are fed as stored).
     """
     p = Path(path)
     if not p.exists():
@@ -79,9 +95,10 @@ def open_data(
     class_names, classes_origin = _class_list(classes)
     source: ImageFolderSource | ArraySource
     if p.is_dir():
-        config, origin = resolve_preprocess(
+        resolved = resolve_preprocess(
             preprocess=preprocess,
             overrides=overrides,
+            model_layers=model_layers,
             model_path=teacher.path if teacher is not None else None,
             input_spec=teacher.input_spec if teacher is not None else None,
         )
@@ -89,17 +106,18 @@ def open_data(
             _check_shape(
                 p,
                 teacher,
-                config.input_size,
-                fix=(f"set input_size in the preprocessing (now from {origin}) to the model's"),
+                resolved.config.input_size,
+                fix=f"set input_size in the preprocessing (now from {resolved.origin}) to the model's",
             )
         source = ImageFolderSource(
             p,
-            config=config,
-            config_origin=origin,
+            config=resolved.config,
+            config_origin=resolved.origin,
             class_names=class_names,
             class_names_origin=classes_origin,
             skip_bad=skip_bad,
         )
+        source.description["preprocess_warnings"] = list(resolved.warnings)
     else:
         given = {k: v for k, v in (overrides or {}).items() if v is not None}
         if preprocess is not None or given:
@@ -121,6 +139,36 @@ def open_data(
     if teacher is not None and source.num_classes is not None:
         _check_classes(p, teacher, source.num_classes, source.description.get("classes_from"))
     return source
+
+
+def as_source(
+    data: DataSource | Iterable[object],
+    *,
+    classes: Sequence[str] | str | os.PathLike[str] | None = None,
+) -> DataSource:
+    """A data source as it is, or an iterable of batches (a DataLoader) as an IterableSource.
+
+    Args:
+        data: A :class:`DataSource`, or an iterable yielding ``(inputs, labels)`` pairs or
+            mappings with a ``labels`` key (see :mod:`calibrate_teacher.data.iterable`).
+        classes: Iterables only: class names in label order, or a text file of them.
+
+    Returns:
+        The source.
+
+    Raises:
+        InvalidValueError: ``data`` is a path (use :func:`open_data`), or not iterable;
+            ``classes`` given for a source that is already open.
+        InputError: the class list file is missing or invalid.
+    """
+    if isinstance(data, DataSource):
+        if classes is not None:
+            raise InvalidValueError(f"classes: {data.path} is already open; give classes when opening it")
+        return data
+    if isinstance(data, str | os.PathLike):
+        raise InvalidValueError(f"data {str(data)!r}: a path; open it with open_data")
+    class_names, _ = _class_list(classes)
+    return IterableSource(data, class_names=class_names)
 
 
 def _class_list(

@@ -34,10 +34,10 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from calibrate_teacher.errors import CalibrateTeacherError, InputError, InvalidValueError
 
@@ -48,14 +48,21 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "INTERPOLATIONS",
+    "ModelLayer",
     "PreprocessConfig",
+    "ResolvedPreprocess",
+    "merge_model_layers",
     "resolve_preprocess",
 ]
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-CROP_MODES = ("center", "squash")
+#: Pillow resampling filters by name.
+Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+#: ``center``: resize the short side, keep the aspect ratio, crop; ``squash``: resize both sides.
+CropMode = Literal["center", "squash"]
+CROP_MODES: tuple[str, ...] = get_args(CropMode)
 FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 # Other keys a timm pretrained_cfg (or a hub config.json) carries; read past, never an error.
 # fmt: off
@@ -252,33 +259,63 @@ def _as_int(value: object) -> int:
     return int(value)
 
 
+#: One layer of preprocessing keys found beside a teacher: ``(values, origin, declared)``, as
+#: :func:`calibrate_teacher.teachers._preprocessing.find_model_preprocessing` returns them
+#: (``declared``: metadata the model carries, not a sidecar the user wrote).
+ModelLayer = tuple[Mapping[str, object], str, bool]
+
+
+@dataclass(frozen=True)
+class ResolvedPreprocess:
+    """The preprocessing for a teacher, where each key came from, and what to warn about.
+
+    Attributes:
+        config: The config to apply.
+        origin: One line naming each layer and its keys, ``defaults`` last, e.g.
+            ``"input shape of m.onnx: input_size; defaults: interpolation, crop_pct, ..."``.
+        from_defaults: The keys no layer set (they hold the :class:`PreprocessConfig` defaults).
+        warnings: One-line warnings for stderr and reports: set when ``from_defaults`` is
+            not empty, naming the keys and the fix.
+    """
+
+    config: PreprocessConfig
+    origin: str
+    from_defaults: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
 def resolve_preprocess(
     *,
     preprocess: str | os.PathLike[str] | PreprocessConfig | None = None,
     overrides: Mapping[str, object] | None = None,
+    model_layers: Sequence[ModelLayer] = (),
     model_path: str | os.PathLike[str] | None = None,
     input_spec: InputSpec | None = None,
-) -> tuple[PreprocessConfig, str]:
-    """Find the preprocessing for a teacher and say where it came from.
+) -> ResolvedPreprocess:
+    """Stack the preprocessing layers for a teacher and say where each key came from.
 
-    Layers, lowest first: the teacher's input shape (``input_size`` only, where all of
-    C, H, W are fixed); the first config found among ``preprocess`` (a JSON file or a
-    config), ``<model stem>.preprocess.json``, ``preprocess.json`` and a ``config.json``
-    with ``pretrained_cfg`` beside ``model_path``; then ``overrides`` (the CLI flags), key by
-    key. Keys no layer sets take the :class:`PreprocessConfig` defaults.
+    Layers, lowest first, each setting the keys it gives: the teacher's input shape
+    (``input_size`` only, where all of C, H, W are fixed); ``model_layers`` (what the files
+    beside the model give: its metadata, then the sidecar); ``preprocess`` (a JSON file or a
+    config); then ``overrides`` (the CLI flags). Keys no layer sets take the
+    :class:`PreprocessConfig` defaults, and the result's ``warnings`` says so. This module
+    does not look beside the model itself: the caller passes what
+    ``teachers._preprocessing.find_model_preprocessing`` found.
 
     Args:
-        preprocess: An explicit JSON file or config; when given, no sidecar is looked for.
+        preprocess: An explicit JSON file or config.
         overrides: Single keys that win over everything (e.g. ``{"crop_pct": 1.0}``).
-        model_path: The teacher file, to look for a sidecar beside it.
+        model_layers: ``(values, origin, declared)`` layers found beside the model, lowest first.
+        model_path: The teacher file, named in origins and messages.
         input_spec: The teacher's input spec, to fill ``input_size``.
 
     Returns:
-        ``(config, origin)``; ``origin`` is one line such as
-        ``"teacher.preprocess.json beside the model"``.
+        A :class:`ResolvedPreprocess`.
 
     Raises:
-        InputError: a file is missing or invalid, or nothing gives an ``input_size``.
+        InputError: a file or layer is missing or invalid, a sidecar's ``input_size``
+            contradicts the one the model's metadata declares, or nothing gives an
+            ``input_size``.
     """
     values: dict[str, object] = {}
     origin: dict[str, str] = {}  # key -> the layer that set it
@@ -287,14 +324,21 @@ def resolve_preprocess(
     if spec_size is not None:
         values["input_size"] = spec_size
         origin["input_size"] = f"input shape of {model_name}"
+    declared: tuple[object, str] | None = None  # the input_size the model's metadata declares
+    for layer_values, label, is_declared in model_layers:
+        layer = _read_keys(layer_values, source=label)
+        if is_declared and "input_size" in layer:
+            declared = (layer["input_size"], label)
+        values.update(layer)
+        _assign(origin, layer, label)
     if isinstance(preprocess, PreprocessConfig):
-        layer, label = preprocess.to_dict(), "the given config"
+        explicit, label = preprocess.to_dict(), "the given config"
+    elif preprocess is not None:
+        explicit, label = _read_file(Path(preprocess)), str(preprocess)
     else:
-        file = Path(preprocess) if preprocess is not None else _find_sidecar(model_path)
-        layer = _read_file(file) if file is not None else {}
-        label = f"{file} beside the model" if preprocess is None else str(file)
-    values.update(layer)
-    origin.update(dict.fromkeys(layer, label))
+        explicit, label = {}, ""
+    values.update(explicit)
+    _assign(origin, explicit, label)
     if overrides:
         unknown = [k for k in overrides if k not in FIELDS]
         if unknown:
@@ -304,7 +348,7 @@ def resolve_preprocess(
             )
         given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)
-        origin.update(dict.fromkeys(given, "overrides"))
+        _assign(origin, given, "overrides")
     if "input_size" not in values:
         raise InputError(
             f"cannot tell the input size for {model_name}: the model does not fix it and no "
@@ -312,7 +356,77 @@ def resolve_preprocess(
             "size (--input-size C,H,W), or write <model stem>.preprocess.json beside the model"
         )
     config = _build(values, source=" + ".join(dict.fromkeys(origin.values())))
-    return config, _describe_origin(origin)
+    if declared is not None:
+        _check_declared_size(config, declared, origin["input_size"], model_layers)
+    defaults = tuple(k for k in FIELDS if k not in origin)
+    warnings = (_defaults_warning(defaults, origin, model_path),) if defaults else ()
+    return ResolvedPreprocess(config, _describe_origin(origin), defaults, warnings)
+
+
+def merge_model_layers(model_layers: Sequence[ModelLayer]) -> dict[str, object]:
+    """The keys a teacher's files give, validated and merged (higher layers win).
+
+    What a bake writes beside the baked teacher, so that it is read with exactly these keys.
+
+    Raises:
+        InputError: a layer holds an unknown key or an invalid value.
+    """
+    merged: dict[str, object] = {}
+    for layer_values, label, _ in model_layers:
+        merged.update(_read_keys(layer_values, source=label))
+    if merged:
+        # Check the values as a config would (a stand-in size where none is given).
+        stats = merged.get("mean", merged.get("std"))
+        channels = len(stats) if isinstance(stats, list) and len(stats) in (1, 3) else 3
+        probe = {"input_size": [channels, 1, 1], **merged}
+        _build(probe, source=" + ".join(dict.fromkeys(label for _, label, _ in model_layers)))
+    return merged
+
+
+def _check_declared_size(
+    config: PreprocessConfig,
+    declared: tuple[object, str],
+    chosen_by: str,
+    model_layers: Sequence[ModelLayer],
+) -> None:
+    # A sidecar contradicting the size the model declares is a stale or wrong file: refuse
+    # rather than pick one. An explicit --preprocess / --input-size is the user's choice.
+    size, label = declared
+    sidecars = {lab for _, lab, is_declared in model_layers if not is_declared}
+    if chosen_by not in sidecars:
+        return
+    want = _build({"input_size": size}, source=label).input_size
+    if want != config.input_size:
+        raise InputError(
+            f"{chosen_by} sets input_size {list(config.input_size)} but {label} declares "
+            f"{list(want)}; make them agree, or pass --input-size C,H,W to choose"
+        )
+
+
+def _defaults_warning(
+    keys: Sequence[str], origin: Mapping[str, str], model_path: str | os.PathLike[str] | None
+) -> str:
+    files = [label for label in dict.fromkeys(origin.values()) if not label.startswith("input shape of ")]
+    if model_path is None:
+        reason = f"not given by {', '.join(files)}" if files else "no preprocessing given"
+        fix = "write a preprocess JSON file and pass --preprocess"
+    else:
+        model = Path(model_path)
+        reason = (
+            f"not given by {', '.join(files)}"
+            if files
+            else f"no sidecar or model metadata found beside {model.name}"
+        )
+        fix = f"write {model.stem}.preprocess.json beside the model or pass --preprocess"
+    flags = "/".join(f"--{k.replace('_', '-')}" for k in keys)
+    return f"preprocessing: {', '.join(keys)} from defaults ({reason}); {fix} (or {flags})"
+
+
+def _assign(origin: dict[str, str], keys: Iterable[str], label: str) -> None:
+    # Re-inserted, so the dict's order is the order of the layers that set the keys last.
+    for key in keys:
+        origin.pop(key, None)
+        origin[key] = label
 
 
 def _describe_origin(origin: Mapping[str, str]) -> str:
@@ -337,10 +451,10 @@ def _spec_input_size(spec: InputSpec | None) -> list[int] | None:
 
 
 def sidecar_input_size(model_path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """The ``input_size`` of the preprocessing sidecar beside a model, if there is a valid one.
+    """Deprecated: use ``calibrate_teacher.teachers._preprocessing.sidecar_input_size``.
 
-    TorchScript files and state dicts do not record their input shape; their loaders ask here
-    before guessing. A missing or unreadable sidecar gives None (the data step reports it).
+    Kept only until ``teachers/_torch.py`` imports that one (teachers/ must not import data/);
+    it reads the old sidecar locations and is no part of :func:`resolve_preprocess`.
     """
     file = _find_sidecar(model_path)
     if file is None:
@@ -353,7 +467,7 @@ def sidecar_input_size(model_path: str | os.PathLike[str]) -> tuple[int, ...] | 
     return dims if len(dims) == 3 and all(d > 0 for d in dims) else None
 
 
-def _find_sidecar(model_path: str | os.PathLike[str] | None) -> Path | None:
+def _find_sidecar(model_path: str | os.PathLike[str] | None) -> Path | None:  # deprecated, see above
     if model_path is None:
         return None
     model = Path(model_path)

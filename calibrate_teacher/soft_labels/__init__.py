@@ -1,9 +1,11 @@
 """The soft-label cache: the calibrated teacher's outputs, computed once, read by any KD trainer.
 
-Write one with :func:`export_soft_labels` (teacher + data) or :func:`write_soft_labels` (any
-stream of logit batches); read it with :class:`SoftLabelCache`, feed it to a training loop with
-:class:`SoftLabelDataset` and :func:`kd_loss`; check it with :func:`verify_cache`. The format is
-specified in ``docs/cache-format.md``; its version is :data:`FORMAT_VERSION`.
+Write one with :func:`~calibrate_teacher.export_soft_labels` (the job that runs a teacher over
+data) or :func:`write_soft_labels` (any stream of logit batches); read it with
+:class:`SoftLabelCache`, feed it to a training loop with :class:`SoftLabelDataset` and
+:func:`kd_loss`; check it with :func:`verify_cache`. The format is specified in
+``docs/cache-format.md``; its version is :data:`FORMAT_VERSION`. This package imports neither
+``teachers/`` nor ``data/``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from calibrate_teacher.soft_labels._format import (
     ShardInfo,
     read_manifest,
 )
-from calibrate_teacher.soft_labels.export import export_soft_labels
 from calibrate_teacher.soft_labels.kd import SoftLabelDataset, kd_loss
 from calibrate_teacher.soft_labels.reader import SoftLabelCache, SoftLabelView
 from calibrate_teacher.soft_labels.verify import (
@@ -45,7 +46,6 @@ __all__ = [
     "SoftLabelView",
     "choose_layout",
     "describe_cache",
-    "export_soft_labels",
     "kd_loss",
     "read_manifest",
     "verify_cache",

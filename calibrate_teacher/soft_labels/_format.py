@@ -18,12 +18,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
+from calibrate_teacher._version import tool_version
 from calibrate_teacher.errors import CacheError, InputError, InvalidValueError
-
-if TYPE_CHECKING:
-    pass
+from calibrate_teacher.soft_labels._validate import check_manifest_doc
 
 FORMAT = "calibrate-teacher.soft-labels"
 FORMAT_VERSION = 1
@@ -31,29 +30,22 @@ MANIFEST_NAME = "manifest.json"
 KEYS_NAME = "keys.txt"
 VALUES_DOC = "teacher logits / temperature"
 FP16_MAX = 65504.0
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+#: A manifest larger than this is not read (a million shards take about 200 MB).
+MAX_MANIFEST_BYTES = 512 << 20
 
 LayoutKind = Literal["dense", "topk"]
 
 
-
 def shard_name(shard: int) -> str:
     """Return the file name of shard number ``shard`` (``shard-00007.safetensors``)."""
-    return f"shard-{shard:05d}.safetensors"
+    return SHARD_PATTERN.format(shard)
 
 
 def receipt_name(shard: int) -> str:
     """Return the hidden file that records a finished shard until the manifest is complete."""
     return f".shard-{shard:05d}.receipt.json"
 
-
-def tool_version() -> str:
-    """Return the installed calibrate-teacher version (``0+unknown`` when run from a checkout)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("calibrate-teacher")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def canonical_json(value: object) -> str:
@@ -65,12 +57,20 @@ def canonical_json(value: object) -> str:
 class Calibration:
     """The temperature a cache was written at, and how it was chosen.
 
+    Only the first five fields are the manifest's ``calibration`` block (and compared); the
+    rest are what a fit report said about its own run, kept to check an export against it.
+
     Attributes:
         temperature: T; the cache stores ``logits / T``. Keep it: it is the teacher's calibration.
         method: ``"fixed"`` (given by hand) or ``"fit"`` (chosen by ``calibrate-teacher fit``).
         objective: The fit's objective (``"ece"``, ``"nll"``...), where known.
         metrics: The teacher's calibration metrics at T, where known.
         report: The fit report's file name, where T came from one.
+        report_teacher: The report's ``source.teacher`` (``sha256``, ``format``, ``path``...),
+            with ``baked_sha256`` added from its ``baked.sha256``; None where it records none.
+        report_preprocess: The report's ``source.data.preprocess`` (timm keys), where recorded.
+        warnings: One line each: what :meth:`from_report` could not check, or let pass with
+            ``force``, or found different (preprocessing). For the caller to show; never raised.
     """
 
     temperature: float
@@ -78,6 +78,9 @@ class Calibration:
     objective: str | None = None
     metrics: Mapping[str, float] | None = None
     report: str | None = None
+    report_teacher: Mapping[str, object] | None = field(default=None, compare=False)
+    report_preprocess: Mapping[str, object] | None = field(default=None, compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         import math
@@ -87,11 +90,37 @@ class Calibration:
             raise InvalidValueError(f"temperature {t!r}: must be a finite number > 0 (e.g. 1.5)")
 
     @classmethod
-    def from_report(cls, path: str | os.PathLike[str]) -> Calibration:
+    def from_report(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        teacher: Mapping[str, object] | str | os.PathLike[str] | None = None,
+        preprocess: Mapping[str, object] | None = None,
+        force: bool = False,
+    ) -> Calibration:
         """Read T, the objective and the after-metrics from a ``fit`` report JSON.
 
+        With ``teacher``, the report must have been fitted for it: the report's
+        ``source.teacher.sha256`` and ``source.teacher.format`` are compared with the teacher's
+        (see :meth:`check_teacher`). With ``preprocess``, the report's
+        ``source.data.preprocess`` is compared with it (see :meth:`check_preprocess`); a
+        difference is a line in ``warnings``, not an error.
+
+        Args:
+            path: The report ``calibrate-teacher fit --report`` wrote.
+            teacher: The teacher being exported: its manifest block (``sha256``, ``format``,
+                ``file``), or its file (then only the SHA-256 is compared).
+            preprocess: The preprocessing the export uses (``PreprocessConfig.to_dict()``, or the
+                image source's ``description["preprocess"]``); None: not checked here (call
+                :meth:`check_preprocess` once the data is open, with None for array data).
+            force: Accept a report made for another teacher (the mismatch becomes a warning).
+
+        Returns:
+            The calibration, with ``warnings`` from the checks.
+
         Raises:
-            InputError: the file is missing, not JSON, or has no numeric ``temperature``.
+            InputError: the file is missing, not JSON, has no numeric ``temperature`` or a
+                malformed ``source``; or, unless ``force``, it was fitted for another teacher.
             InvalidValueError: the temperature is not a finite number > 0.
         """
         p = Path(path)
@@ -120,13 +149,184 @@ class Calibration:
             else None
         )
         objective = report.get("objective")
-        return cls(
+        recorded_teacher, recorded_preprocess = cls._report_source(report, p)
+        calibration = cls(
             temperature=float(t),
             method="fit",
             objective=str(objective) if objective is not None else None,
             metrics=metrics,
             report=p.name,
+            report_teacher=recorded_teacher,
+            report_preprocess=recorded_preprocess,
         )
+        found: list[str] = []
+        if teacher is not None:
+            found += calibration.check_teacher(teacher, force=force)
+        if preprocess is not None:
+            found += calibration.check_preprocess(preprocess)
+        if not found:
+            return calibration
+        from dataclasses import replace
+
+        return replace(calibration, warnings=tuple(found))
+
+    def check_teacher(
+        self, teacher: Mapping[str, object] | str | os.PathLike[str], *, force: bool = False
+    ) -> tuple[str, ...]:
+        """Check that the report this T came from was fitted for ``teacher``.
+
+        Compares ``sha256`` and ``format`` where both sides have them (a path gives its
+        SHA-256 only). A report that records no teacher (a fit from ``--logits``) or no SHA-256
+        cannot be checked: that is a warning, not an error.
+
+        Args:
+            teacher: The teacher's manifest block (``sha256``, ``format``, ``file``) or its file.
+            force: Return the mismatch as a warning instead of raising.
+
+        Returns:
+            Warning lines (empty when the report matches, or T did not come from a report).
+
+        Raises:
+            InputError: the report was fitted for another teacher (or ``teacher`` is the one
+                this report baked), and ``force`` is false.
+
+        Example:
+            >>> fitted = {"path": "a.onnx", "format": "onnx", "sha256": "ab" * 32}
+            >>> cal = Calibration(1.7, "fit", report="fit.json", report_teacher=fitted)
+            >>> cal.check_teacher({"file": "a.onnx", "format": "onnx", "sha256": "ab" * 32})
+            ()
+            >>> other = {"file": "b.onnx", "format": "onnx", "sha256": "cd" * 32}
+            >>> print(cal.check_teacher(other, force=True)[0][:62])
+            forced: fit.json: fitted for teacher a.onnx (onnx, sha256 abab
+        """
+        if self.method != "fit" or self.report is None:
+            return ()
+        given = self._teacher_identity(teacher)
+        name = self.report
+        ours = self.report_teacher or {}
+        compared = [k for k in ("sha256", "format") if ours.get(k) and given.get(k)]
+        if given.get("sha256") and given["sha256"] == ours.get("baked_sha256"):
+            problem = (
+                f"{name}: {self._describe(given, with_format=False)} is the teacher this report baked "
+                f"(its outputs are already logits / {self.temperature:g}); export it with "
+                "--temperature 1, or export the original teacher with --from-report"
+            )
+        elif any(ours[k] != given[k] for k in compared):
+            problem = (
+                f"{name}: fitted for teacher {self._describe(ours)} but the teacher given is "
+                f"{self._describe(given)}; fit this teacher (`calibrate-teacher fit TEACHER "
+                "--report FILE`) or pass --force to use this T anyway"
+            )
+        elif "sha256" in compared:
+            return ()
+        else:
+            what = "only the format was compared" if compared else "nothing could be compared"
+            return (
+                f"{name}: {what}: the report (source.teacher.sha256) or "
+                f"{self._describe(given, with_format=False)} has no sha256; make sure T was "
+                "fitted for this teacher",
+            )
+        if not force:
+            raise InputError(problem)
+        return (f"forced: {problem.split('; ')[0]}",)
+
+    def check_preprocess(self, preprocess: Mapping[str, object] | None) -> tuple[str, ...]:
+        """Compare the preprocessing an export uses with the one the fit's report records.
+
+        Soft labels computed from inputs preprocessed otherwise than in the fit are not
+        calibrated at T as measured, so a difference is flagged; it is not refused (a
+        deliberate change, e.g. another resize for the training split, stays possible).
+
+        Args:
+            preprocess: The export's preprocessing (timm keys, ``PreprocessConfig.to_dict()``),
+                or None where the export feeds stored arrays.
+
+        Returns:
+            Warning lines: one naming the keys that differ and both values, or one saying that
+            the two cannot be compared; empty when they match or neither records any.
+        """
+        if self.method != "fit" or self.report is None:
+            return ()
+        ours = self.report_preprocess
+        if ours is None and preprocess is None:
+            return ()
+        if ours is None or preprocess is None:
+            which = "records no preprocessing" if ours is None else "records image preprocessing"
+            other = "the export's" if ours is None else "the export feeds stored arrays, so its"
+            return (
+                f"{self.report}: {which}; {other} preprocessing cannot be compared with the fit's",
+            )
+        keys = [k for k in dict.fromkeys([*ours, *preprocess]) if not self._same_value(ours.get(k), preprocess.get(k))]
+        if not keys:
+            return ()
+        fit = ", ".join(f"{k} {self._text(ours.get(k))}" for k in keys)
+        export = ", ".join(f"{k} {self._text(preprocess.get(k))}" for k in keys)
+        return (
+            f"{self.report}: the fit preprocessed images with {fit} but this export uses {export}; "
+            "soft labels from other preprocessing are not calibrated at T as measured: pass the "
+            "fit's --preprocess / flags",
+        )
+
+    @staticmethod
+    def _report_source(
+        report: Mapping[str, object], path: Path
+    ) -> tuple[dict[str, object] | None, dict[str, object] | None]:
+        """The report's ``source.teacher`` (+ ``baked.sha256``) and ``source.data.preprocess``."""
+        source = report.get("source")
+        if source is None:
+            return None, None
+        if not isinstance(source, dict):
+            raise InputError(f"{path}: 'source' is not an object; pass the report `fit --report` wrote")
+        teacher, data = source.get("teacher"), source.get("data")
+        preprocess = data.get("preprocess") if isinstance(data, dict) else None
+        for where, value in (("source.teacher", teacher), ("source.data.preprocess", preprocess)):
+            if value is not None and not isinstance(value, dict):
+                raise InputError(f"{path}: '{where}' is not an object; pass the report `fit --report` wrote")
+        recorded = dict(teacher) if isinstance(teacher, dict) else None
+        baked = report.get("baked")
+        if recorded is not None and isinstance(baked, dict) and baked.get("sha256"):
+            recorded["baked_sha256"] = baked["sha256"]
+        for key in ("sha256", "format", "baked_sha256"):
+            if recorded is not None and not isinstance(recorded.get(key), str | None):
+                raise InputError(f"{path}: teacher '{key}' is not a string; pass the report `fit --report` wrote")
+        return recorded, (dict(preprocess) if isinstance(preprocess, dict) else None)
+
+    @staticmethod
+    def _teacher_identity(teacher: Mapping[str, object] | str | os.PathLike[str]) -> dict[str, object]:
+        if isinstance(teacher, Mapping):
+            return dict(teacher)
+        from calibrate_teacher._io import sha256_file
+
+        return {"file": Path(teacher).name, "sha256": sha256_file(teacher)}
+
+    @staticmethod
+    def _describe(teacher: Mapping[str, object], *, with_format: bool = True) -> str:
+        named = teacher.get("file") or teacher.get("path")
+        name = Path(str(named)).name if named else "the teacher"
+        facts = [str(teacher["format"])] if with_format and teacher.get("format") else []
+        if teacher.get("sha256"):
+            facts.append(f"sha256 {str(teacher['sha256'])[:12]}")
+        return f"{name} ({', '.join(facts)})" if facts else name
+
+    @staticmethod
+    def _same_value(a: object, b: object) -> bool:
+        """Equal as JSON values, numbers to within float round-off (``[0.5]`` == ``(0.5,)``)."""
+        import math
+
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+            return len(a) == len(b) and all(Calibration._same_value(x, y) for x, y in zip(a, b, strict=True))
+        numbers = (int, float)
+        if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+        return a == b
+
+    @staticmethod
+    def _text(value: object) -> str:
+        if isinstance(value, list | tuple):
+            return "[" + ", ".join(Calibration._text(v) for v in value) + "]"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "(none)" if value is None else str(value)
 
     def to_json(self) -> dict[str, object]:
         """Return the manifest's ``calibration`` block."""
@@ -273,16 +473,13 @@ class CacheManifest:
         """Build a manifest from its JSON form.
 
         Raises:
-            CacheError: not a soft-label manifest, a newer format version, or a missing field.
+            CacheError: not a soft-label manifest, a newer format version, or a missing, mistyped,
+            out-of-range or inconsistent field (the message names it).
         """
         if doc.get("format") != FORMAT:
             raise CacheError(f"{source}: not a calibrate-teacher soft-label manifest")
-        version = doc.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CacheError(
-                f"{source}: cache format_version {version!r} is newer than this calibrate-teacher "
-                f"reads ({FORMAT_VERSION}); upgrade calibrate-teacher"
-            )
+        check_manifest_doc(doc, source=source, format_version=FORMAT_VERSION, shard_name=SHARD_PATTERN)
+        version = cast(int, doc["format_version"])
         try:
             if not isinstance(_as_dict(doc["data"]).get("num_samples"), int):
                 raise TypeError("data.num_samples is not an integer")
@@ -340,7 +537,7 @@ def read_manifest(cache: str | os.PathLike[str]) -> CacheManifest:
 
     Raises:
         InputError: the folder or its manifest does not exist.
-        CacheError: the manifest is unreadable or not a soft-label manifest.
+        CacheError: the manifest is unreadable, not a soft-label manifest, or has a bad field.
     """
     path = Path(cache) / MANIFEST_NAME
     if not path.is_file():
@@ -349,8 +546,13 @@ def read_manifest(cache: str | os.PathLike[str]) -> CacheManifest:
             "create one with `calibrate-teacher export-soft-labels`"
         )
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise CacheError(
+                f"{path}: {path.stat().st_size:,} bytes is far too large for a manifest; "
+                "the file is damaged: re-export the cache"
+            )
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CacheError(f"{path}: unreadable manifest ({exc}); re-export the cache") from exc
     if not isinstance(doc, dict):
         raise CacheError(f"{path}: not a soft-label manifest (expected a JSON object)")

@@ -18,8 +18,9 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from calibrate_teacher.errors import CacheError, InvalidValueError
+from calibrate_teacher.errors import CacheError, InvalidValueError, OutputError
 from calibrate_teacher.soft_labels._format import FP16_MAX, CacheManifest, receipt_name, shard_name
+from calibrate_teacher.soft_labels._output import os_error_fix
 from calibrate_teacher.soft_labels._safetensors import shard_metadata, write_shard_bytes
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ __all__ = [
     "replacing",
     "shard_done",
     "shard_rows_of",
+    "writing",
 ]
 
 #: Batches handed to the worker thread but not yet stored (bounds memory to a few batches).
@@ -95,6 +97,22 @@ def replacing(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (no space left, read-only, permission denied...) into an OutputError.
+
+    The message names the file and what to do; what was finished before stays resumable.
+    """
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if isinstance(exc.filename, str) and not exc.filename.endswith(".tmp") else path
+        raise OutputError(
+            f"{where}: {exc.strerror or exc} while writing the cache; {os_error_fix(exc)}, then rerun "
+            "the same command to resume"
+        ) from exc
 
 
 def _file_mode() -> int:
@@ -208,7 +226,7 @@ def persist_shard(
     rows = shard_rows_of(manifest, shard)
     metadata = shard_metadata(manifest, shard, first, rows)
     path = folder / shard_name(shard)
-    with replacing(path) as fh:
+    with writing(path), replacing(path) as fh:
         digest = write_shard_bytes(fh, arrays, metadata)
         size = fh.tell()
     receipt = {
@@ -220,7 +238,7 @@ def persist_shard(
         "sha256": digest,
         "keys": keys,
     }
-    with replacing(folder / receipt_name(shard)) as fh:
+    with writing(path), replacing(folder / receipt_name(shard)) as fh:
         fh.write(json.dumps(receipt).encode("utf-8"))
     fsync_dir(folder)
 
@@ -291,4 +309,11 @@ def _check_keys(keys: Sequence[str], n: int, start: int) -> Sequence[str]:
                 f"sample key {key!r} (row {start + i}) holds a line break; "
                 "keys.txt keeps one key per line"
             )
+        try:  # as _finish will write it: checked now, not after the last shard
+            key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise InvalidValueError(
+                f"sample key {key!r} (row {start + i}) holds a lone surrogate that UTF-8 cannot "
+                "store; give keys that are text or file names"
+            ) from None
     return keys

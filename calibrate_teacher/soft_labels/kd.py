@@ -117,6 +117,8 @@ class SoftLabelDataset(_DatasetBase[Any], Generic[Item]):
         cache: A :class:`SoftLabelCache` or the path of one.
         keys: The base dataset's sample keys in order, to check against the cache's keys.
         check_labels: Compare integer labels of ``(input, label, ...)`` items with the cache's.
+        verify: When ``cache`` is a path: check each shard's SHA-256 on first use (see
+            :class:`SoftLabelCache`).
 
     Raises:
         CacheError: lengths or keys differ (or, on access, a label).
@@ -129,9 +131,10 @@ class SoftLabelDataset(_DatasetBase[Any], Generic[Item]):
         *,
         keys: Sequence[str] | None = None,
         check_labels: bool = True,
+        verify: bool = True,
     ) -> None:
         self.base = base
-        self.cache = cache if isinstance(cache, SoftLabelCache) else SoftLabelCache(cache)
+        self.cache = cache if isinstance(cache, SoftLabelCache) else SoftLabelCache(cache, verify=verify)
         self.check_labels = check_labels
         self._logits = self.cache.logits()
         if len(base) != len(self.cache):

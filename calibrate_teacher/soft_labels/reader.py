@@ -11,6 +11,7 @@ spread is an approximation of the tail.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -18,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from calibrate_teacher.errors import CacheError, InvalidValueError
-from calibrate_teacher.soft_labels._format import KEYS_NAME, CacheManifest, read_manifest
+from calibrate_teacher.errors import CacheError
+from calibrate_teacher.soft_labels._format import KEYS_NAME, CacheManifest, ShardInfo, read_manifest
 from calibrate_teacher.soft_labels._safetensors import parse_header
 
 if TYPE_CHECKING:
@@ -36,44 +37,81 @@ _TAIL_FLOOR = 1e-30
 
 
 class _Shard:
-    """One shard's arrays, viewed straight from a read-only memory map."""
+    """One shard's arrays, viewed straight from a read-only memory map.
 
-    def __init__(self, path: Path, manifest: CacheManifest, shard: int, expected_bytes: int) -> None:
+    The header is checked against the manifest (run id, shard number, rows, tensor names,
+    dtypes and shapes) and, with ``verify``, the file's SHA-256 against the manifest's.
+    """
+
+    def __init__(
+        self, path: Path, manifest: CacheManifest, number: int, info: ShardInfo, *, verify: bool
+    ) -> None:
         import numpy as np
 
         tensors, meta = parse_header(path)
-        layout = manifest.layout
         size = path.stat().st_size
-        if size != expected_bytes or meta.get("run_id") != manifest.run_id:
+        if size != info.bytes or meta.get("run_id") != manifest.run_id:
             raise CacheError(
                 f"{path}: does not belong to this cache (size or run id differs from "
                 "manifest.json); run `calibrate-teacher inspect --verify` and re-export"
             )
-        value_name = "logits" if layout.kind == "dense" else "topk_logits"
-        wanted = {"sample_index", "label", "lse", value_name}
-        if layout.kind == "topk":
-            wanted.add("topk_index")
-        if set(tensors) != wanted:
-            raise CacheError(f"{path}: holds tensors {sorted(tensors)}, expected {sorted(wanted)}; re-export the cache")
+        expected = _expected_tensors(manifest, info.rows)
+        if set(tensors) != set(expected):
+            raise CacheError(
+                f"{path}: holds tensors {sorted(tensors)}, expected {sorted(expected)}; re-export the cache"
+            )
+        for name, (dtype_name, shape) in expected.items():
+            entry = tensors[name]
+            if entry.dtype != dtype_name or entry.shape != shape:
+                raise CacheError(
+                    f"{path}: tensor {name} is {entry.dtype} {list(entry.shape)}, expected {dtype_name} "
+                    f"{list(shape)} by manifest.json; re-export the cache"
+                )
+        header = {"shard": str(number), "first_row": str(info.first_row), "rows": str(info.rows)}
+        if any(meta.get(k) != v for k, v in header.items()):
+            raise CacheError(
+                f"{path}: its header says shard {meta.get('shard')}, rows {meta.get('first_row')}+"
+                f"{meta.get('rows')}, but manifest.json lists it as shard {number}, rows "
+                f"{info.first_row}+{info.rows}; re-export the cache"
+            )
         with open(path, "rb") as fh:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if verify:
+            # One pass over the mapped pages (hashlib releases the GIL); they stay cached for reading.
+            digest = hashlib.sha256(self._map).hexdigest()
+            if digest != info.sha256:
+                raise CacheError(
+                    f"{path}: checksum mismatch (manifest.json {info.sha256[:12]}..., file {digest[:12]}...); "
+                    "the shard is corrupt or was replaced: run `calibrate-teacher inspect --verify` and re-export"
+                )
         arrays = {}
         for name, entry in tensors.items():
             dtype = np.dtype(entry.dtype).newbyteorder("<")
-            count = 1
-            for dim in entry.shape:
-                count *= dim
+            count = math.prod(entry.shape)
             if entry.end > size or entry.end - entry.start != count * dtype.itemsize:
                 raise CacheError(f"{path}: tensor {name} runs past the file (truncated?); re-export")
             arrays[name] = np.frombuffer(self._map, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
         self.sample_index = arrays["sample_index"]
         self.label = arrays["label"]
         self.lse = arrays["lse"]
-        self.values = arrays[value_name]
+        self.values = arrays["logits" if manifest.layout.kind == "dense" else "topk_logits"]
         self.index = arrays.get("topk_index")
-        rows = self.label.shape[0]
-        if self.values.shape != (rows, layout.width):
-            raise CacheError(f"{path}: {value_name} has shape {self.values.shape}, expected [{rows}, {layout.width}]")
+
+
+def _expected_tensors(manifest: CacheManifest, rows: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor a shard of ``rows`` rows holds under the manifest's layout: dtype and shape."""
+    layout = manifest.layout
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {
+        "sample_index": ("int64", (rows,)),
+        "label": ("int64", (rows,)),
+        "lse": ("float32", (rows,)),
+    }
+    if layout.kind == "dense":
+        expected["logits"] = ("float16", (rows, layout.width))
+    else:
+        expected["topk_logits"] = ("float16", (rows, layout.width))
+        expected["topk_index"] = (str(layout.index_dtype), (rows, layout.width))
+    return expected
 
 
 class SoftLabelCache:
@@ -84,32 +122,35 @@ class SoftLabelCache:
     lists. Shards are mapped on first use, so opening is instant and memory stays small; the
     object can be sent to DataLoader workers (each reopens its maps).
 
+    Each shard's SHA-256 is checked against the manifest the first time this process maps it
+    (one streamed pass over the file, about as long as reading it once), as are its header and
+    tensor shapes; pass ``verify=False`` to skip the checksum for a cache you trust (e.g. one
+    checked with ``calibrate-teacher inspect --verify``). Objects sent to DataLoader workers
+    carry which shards were already checked.
+
     Args:
         path: The cache folder (holding ``manifest.json``).
+        verify: Check each shard's SHA-256 when it is first mapped.
 
     Raises:
         InputError: ``path`` is not a cache folder.
-        CacheError: the manifest says incomplete, or lists shards inconsistently.
+        CacheError: the manifest is incomplete or damaged (on opening), or a shard does not
+            match it (on first use of that shard; the message names the file).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path)  # validated: shards cover 0..N-1 in order
+        self.verify = verify
         m = self.manifest
         if not m.complete:
             raise CacheError(
                 f"{self.path}: the cache is incomplete (its export is running or was interrupted); "
                 "rerun the same export-soft-labels command to finish it"
             )
-        rows = m.layout.shard_rows
-        expected = [(s * rows, min(rows, m.num_samples - s * rows)) for s in range(m.num_shards)]
-        if [(s.first_row, s.rows) for s in m.shards] != expected:
-            raise CacheError(
-                f"{self.path}: manifest.json lists shards that do not cover rows "
-                f"0..{m.num_samples - 1} in blocks of {rows}; re-export the cache"
-            )
         self._shards: list[_Shard | None] = [None] * m.num_shards
-        self._per_shard = rows
+        self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> (inode, size, mtime) checked
+        self._per_shard = m.layout.shard_rows
         self._keys: tuple[str, ...] | None = None
         self._key_index: dict[str, int] | None = None
 
@@ -218,7 +259,15 @@ class SoftLabelCache:
         opened = self._shards[shard]
         if opened is None:
             info = self.manifest.shards[shard]
-            opened = _Shard(self.path / info.file, self.manifest, shard, info.bytes)
+            path = self.path / info.file
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise CacheError(f"{path}: shard missing; re-export the cache") from None
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            check = self.verify and self._verified.get(shard) != stamp
+            opened = _Shard(path, self.manifest, shard, info, verify=check)
+            self._verified[shard] = stamp
             self._shards[shard] = opened
         return opened
 
@@ -278,10 +327,10 @@ class SoftLabelView:
     """
 
     def __init__(self, cache: SoftLabelCache, *, temperature: float | None) -> None:
-        if temperature is not None and not (temperature > 0 and temperature < float("inf")):
-            raise InvalidValueError(f"temperature {temperature!r}: must be a finite number > 0")
+        from calibrate_teacher._validate import validate_temperature
+
         self.cache = cache
-        self.temperature = temperature
+        self.temperature = None if temperature is None else validate_temperature(temperature)
 
     def __len__(self) -> int:
         return len(self.cache)

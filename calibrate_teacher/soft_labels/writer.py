@@ -8,6 +8,10 @@ processes ran or where an earlier run was interrupted.
 A shard is finished once its hidden receipt (checksum + keys) exists; the shard file itself is
 renamed into place first. A rerun skips finished shards. Once every shard is finished, rank 0
 writes ``keys.txt`` and the complete ``manifest.json``, then removes the receipts.
+
+The folder is claimed first (``_output.py``: checked, created, locked), so a second export into
+it fails at once. Rerunning a finished request is a no-op that returns the manifest (a retry
+loop succeeds); a different request over a complete cache is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from calibrate_teacher._distributed import DistributedContext
-from calibrate_teacher.errors import CacheError, InputError, InvalidValueError, OutputExistsError
+from calibrate_teacher.errors import CacheError, InvalidValueError
 from calibrate_teacher.soft_labels._format import (
     KEYS_NAME,
     MANIFEST_NAME,
@@ -34,6 +38,7 @@ from calibrate_teacher.soft_labels._format import (
     run_id,
     shard_name,
 )
+from calibrate_teacher.soft_labels._output import DONE, FAILED, GO, OutputClaim, claim_output
 from calibrate_teacher.soft_labels._shards import (
     BatchProducer,
     RowBatch,
@@ -44,14 +49,18 @@ from calibrate_teacher.soft_labels._shards import (
     replacing,
     shard_done,
     shard_rows_of,
+    writing,
 )
+from calibrate_teacher.soft_labels._state import existing_state, is_ours, tidy
+from calibrate_teacher.soft_labels._validate import MAX_SHARDS
 
 __all__ = [
     "DEFAULT_SHARD_ROWS",
     "BatchProducer",
     "RowBatch",
     "choose_layout",
-    "refuse_complete_cache",
+    "plan_manifest",
+    "write_claimed",
     "write_soft_labels",
 ]
 
@@ -108,12 +117,15 @@ def write_soft_labels(
     resume: bool = True,
     context: DistributedContext | None = None,
     progress: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> CacheManifest:
     """Write the calibrated soft labels ``logits / T`` of ``num_samples`` rows as a cache folder.
 
     Memory is two shards' worth (one computed, one being written), whatever ``num_samples``
     is. Run once per rank under torchrun (pass ``context``): each rank writes its shards and
-    rank 0 writes the manifest at the end.
+    rank 0 writes the manifest at the end. ``out`` is locked for the export (a second export
+    into it fails at once); the same request over a complete cache returns its manifest and
+    writes nothing. An export that fails before finishing a shard leaves ``out`` as it was.
 
     Args:
         produce: Yields the batches for the given row positions, in that order.
@@ -122,7 +134,8 @@ def write_soft_labels(
         num_classes: C, the width of each logit row.
         temperature: T, or a :class:`Calibration` that also says how T was chosen.
         teacher: What the manifest records about the teacher (file, sha256, format...).
-        data: The data source's description (recorded, and compared when resuming).
+        data: The data source's description (recorded, and compared when resuming; its
+            ``path`` and ``classes_from`` are compared resolved).
         top_k: Storage layout, see :func:`choose_layout`.
         shard_rows: Rows per shard.
         overwrite: Replace a complete cache at ``out``.
@@ -131,22 +144,58 @@ def write_soft_labels(
         context: This process's rank and world size (default: one process).
         progress: Called with (rows just computed, rows this rank has to do) after each batch,
             and once with (0, rows to do) before the first.
+        notify: Called with one line for the user, e.g. that the cache was already complete.
 
     Returns:
         The complete manifest (on every rank).
 
     Raises:
-        OutputExistsError: ``out`` holds a complete cache and ``overwrite`` is false.
-        CacheError: ``out`` holds an unfinished cache of another teacher/data/T/layout, or the
-            producer returned rows other than those asked for.
+        OutputExistsError: ``out`` holds a complete cache of another request and ``overwrite``
+            is false.
+        CacheError: ``out`` holds an unfinished cache of another teacher/data/T/layout or a
+            damaged manifest, is being written by another export, or the producer returned
+            rows other than those asked for.
         InputError: ``out`` is a file, or a non-empty folder that is not a cache.
+        OutputError: ``out`` cannot be created or written, or a write failed (no space left,
+            read-only, permission denied); finished shards are kept for a rerun.
         InvalidValueError: bad T, top_k, shard_rows, N, or non-finite / fp16-overflowing logits.
     """
     ctx = context or DistributedContext()
+    manifest = plan_manifest(
+        num_samples=num_samples, num_classes=num_classes, temperature=temperature,
+        teacher=teacher, data=data, top_k=top_k, shard_rows=shard_rows,
+    )
+    with claim_output(out, context=ctx) as claim:
+        return write_claimed(
+            produce, claim, manifest, overwrite=overwrite, resume=resume, progress=progress, notify=notify
+        )
+
+
+def plan_manifest(
+    *,
+    num_samples: int,
+    num_classes: int,
+    temperature: float | Calibration,
+    teacher: Mapping[str, object] | None,
+    data: Mapping[str, object] | None,
+    top_k: int | None,
+    shard_rows: int,
+) -> CacheManifest:
+    """Return the unfinished manifest of a request, checking its options (nothing is written).
+
+    Raises:
+        InvalidValueError: bad T, top_k, shard_rows or N, or descriptions that are not JSON.
+    """
     calibration = temperature if isinstance(temperature, Calibration) else Calibration(temperature)
     layout = choose_layout(num_classes, top_k, shard_rows)
     if num_samples < 1:
         raise InvalidValueError(f"num_samples {num_samples}: the data holds no samples to export")
+    shards = -(-num_samples // shard_rows)
+    if shards > MAX_SHARDS:
+        raise InvalidValueError(
+            f"--shard-rows {shard_rows}: {num_samples:,} rows would make {shards:,} shards, more than "
+            f"{MAX_SHARDS:,}; use --shard-rows {-(-num_samples // MAX_SHARDS)} or more"
+        )
     # JSON-normalised now (tuples -> lists...), so they compare equal to what a rerun reads back
     teacher_block = _as_json({**dict(teacher or {}), "num_classes": num_classes})
     data_block = _as_json(
@@ -156,19 +205,50 @@ def write_soft_labels(
             "order_sha256": None,
         }
     )
-    manifest = CacheManifest(
+    return CacheManifest(
         teacher=teacher_block,
         data=data_block,
         calibration=calibration,
         layout=layout,
         run_id=run_id(teacher_block, data_block, calibration.temperature, layout),
     )
-    folder = Path(out)
-    state = _existing_state(folder, manifest, overwrite=overwrite, resume=resume)
-    ctx.barrier()  # every rank has looked before rank 0 changes anything
+
+
+def write_claimed(
+    produce: BatchProducer,
+    claim: OutputClaim,
+    manifest: CacheManifest,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: Callable[[int, int], None] | None,
+    notify: Callable[[str], None] | None,
+) -> CacheManifest:
+    """:func:`write_soft_labels` into a folder this run has claimed (see ``_output.py``)."""
+    ctx, folder = claim.context, claim.folder
     if ctx.is_main:
-        _prepare(folder, manifest, restart=state == "restart", fresh=state != "resume")
-    ctx.barrier()
+        try:
+            state, manifest = existing_state(folder, manifest, overwrite=overwrite, resume=resume)
+            if state == "done":
+                tidy(folder)
+                if notify is not None:
+                    notify(f"{folder}: already complete; nothing to do")
+            else:
+                _prepare(folder, manifest, restart=state == "restart", fresh=state != "resume")
+                claim.wrote_manifest = state != "resume"
+        except BaseException:
+            ctx.share(FAILED)
+            raise
+        decision = ctx.share(DONE if state == "done" else GO)
+    else:
+        decision = ctx.share(0)
+        if decision == FAILED:
+            raise CacheError(f"{folder}: rank 0 could not start the export; see its error")
+        if (folder / MANIFEST_NAME).is_file():  # rank 0 may have adopted the unfinished run's identity
+            on_disk = read_manifest(folder)
+            manifest = replace(manifest, teacher=on_disk.teacher, data=on_disk.data, run_id=on_disk.run_id)
+    if decision == DONE:
+        return read_manifest(folder)
 
     mine = range(ctx.rank, manifest.num_shards, ctx.world_size)
     todo = [s for s in mine if not shard_done(folder, s, manifest)]
@@ -178,8 +258,9 @@ def write_soft_labels(
     step = (lambda n: progress(n, total)) if progress is not None else None
     # Three threads overlap: this one runs the teacher, `compute` divides by T and stores each
     # batch, `disk` hashes, writes and fsyncs the previous shard (torch and I/O release the
-    # GIL). At most two shards are in memory; leaving the block, even on an error, waits for
-    # the shard being written, so it is finished with its receipt.
+    # GIL). At most two shards are in memory. Leaving the block, even on an error or Ctrl-C
+    # (which always lands in this thread), waits only for the shard being written, so that
+    # it is finished with its receipt; the shard being computed is dropped.
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="soft-labels-compute") as compute,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="soft-labels-disk") as disk,
@@ -190,13 +271,20 @@ def write_soft_labels(
             if pending is not None:
                 pending.result()
             pending = disk.submit(persist_shard, folder, manifest, shard, arrays, keys)
+            del arrays, keys  # the disk thread holds the only reference: memory stays two shards
         if pending is not None:
             pending.result()
 
     ctx.barrier()
     if ctx.is_main:
-        _finish(folder, manifest)
-    ctx.barrier()
+        try:
+            _finish(folder, manifest)
+        except BaseException:
+            ctx.share(FAILED)
+            raise
+        ctx.share(GO)
+    elif ctx.share(0) == FAILED:
+        raise CacheError(f"{folder}: rank 0 could not finish the manifest; see its error")
     return read_manifest(folder)
 
 
@@ -208,84 +296,16 @@ def _as_json(block: Mapping[str, object]) -> dict[str, object]:
     return value
 
 
-def refuse_complete_cache(folder: Path, *, overwrite: bool) -> None:
-    """Raise when ``folder`` holds a complete cache and ``overwrite`` is false.
-
-    Receipts left in a complete cache (a run killed just after finishing) are removed first.
-
-    Raises:
-        OutputExistsError: as above.
-    """
-    if overwrite or not (folder / MANIFEST_NAME).is_file():
-        return
-    if read_manifest(folder).complete:
-        # A run killed after its manifest, before dropping its receipts, leaves them behind.
-        for receipt in folder.glob(".shard-*.receipt.json"):
-            receipt.unlink(missing_ok=True)
-        raise OutputExistsError(
-            f"{folder}: already holds a complete soft-label cache; pass --overwrite to replace it"
-        )
-
-
-def _existing_state(folder: Path, manifest: CacheManifest, *, overwrite: bool, resume: bool) -> str:
-    """Return "new", "restart" or "resume" for ``folder``; raise when it must not be touched."""
-    if not folder.exists():
-        return "new"
-    if not folder.is_dir():
-        raise InputError(f"{folder}: exists and is not a folder; choose another --out")
-    if not (folder / MANIFEST_NAME).is_file():
-        if any(folder.iterdir()):
-            raise InputError(
-                f"{folder}: folder is not empty and holds no soft-label cache ({MANIFEST_NAME}); "
-                "choose a new or empty --out"
-            )
-        return "new"
-    refuse_complete_cache(folder, overwrite=overwrite)
-    old = read_manifest(folder)
-    if old.complete:
-        return "restart"
-    if overwrite or not resume:
-        return "restart"
-    if old.run_id != manifest.run_id:
-        raise CacheError(
-            f"{folder}: holds an unfinished cache of a different {_difference(old, manifest)}; "
-            "it is never extended: pass --no-resume to start over, or choose another --out"
-        )
-    return "resume"
-
-
-def _difference(old: CacheManifest, new: CacheManifest) -> str:
-    """Name what differs between two runs' identities, for the refusal message."""
-    if old.teacher != new.teacher:
-        old_sha, new_sha = old.teacher.get("sha256"), new.teacher.get("sha256")
-        return f"teacher (sha256 {old_sha!s:.12} vs {new_sha!s:.12})"
-    if old.num_samples != new.num_samples:
-        return f"data (N = {old.num_samples} vs {new.num_samples})"
-    old_source, new_source = old.data.get("source"), new.data.get("source")
-    if old_source != new_source:
-        if isinstance(old_source, dict) and isinstance(new_source, dict):
-            for key in sorted(set(old_source) | set(new_source)):
-                if old_source.get(key) != new_source.get(key):
-                    was, now = old_source.get(key), new_source.get(key)
-                    return f"data source ({key}: {was!r:.60} vs {now!r:.60})"
-        return "data source"
-    if old.temperature != new.temperature:
-        return f"temperature (T = {old.temperature} vs {new.temperature})"
-    if old.layout != new.layout:
-        return f"layout ({old.layout.to_json()} vs {new.layout.to_json()})"
-    return "format or tool version"
-
-
 def _prepare(folder: Path, manifest: CacheManifest, *, restart: bool, fresh: bool) -> None:
-    if restart:
-        _clear(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # A killed writer leaves its temporary files behind (replacing names them .NAME.*.tmp).
-    for stale in folder.glob(".*.tmp"):
-        if stale.name.startswith((".shard-", "..shard-", f".{MANIFEST_NAME}.", f".{KEYS_NAME}.")):
-            stale.unlink(missing_ok=True)
-    if fresh:
-        _write_manifest(folder, manifest)
+    with writing(folder / MANIFEST_NAME):
+        if restart:
+            _clear(folder)
+        # A killed writer leaves its temporary files behind (replacing names them .NAME.*.tmp).
+        for stale in folder.iterdir():
+            if stale.name.endswith(".tmp") and is_ours(stale.name):
+                stale.unlink(missing_ok=True)
+        if fresh:
+            _write_manifest(folder, manifest)
 
 
 def _clear(folder: Path) -> None:
@@ -309,7 +329,7 @@ def _finish(folder: Path, manifest: CacheManifest) -> None:
 
     shards: list[ShardInfo] = []
     digest = hashlib.sha256()
-    with replacing(folder / KEYS_NAME) as fh:
+    with writing(folder / KEYS_NAME), replacing(folder / KEYS_NAME) as fh:
         for shard in range(manifest.num_shards):
             receipt = read_receipt(folder, shard)
             if receipt is None or receipt.get("run_id") != manifest.run_id:
@@ -340,7 +360,8 @@ def _finish(folder: Path, manifest: CacheManifest) -> None:
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         data={**manifest.data, "order_sha256": digest.hexdigest()},
     )
-    _write_manifest(folder, final)
-    for shard in range(manifest.num_shards):
-        (folder / receipt_name(shard)).unlink(missing_ok=True)
-    fsync_dir(folder)
+    with writing(folder / MANIFEST_NAME):
+        _write_manifest(folder, final)
+        for shard in range(manifest.num_shards):
+            (folder / receipt_name(shard)).unlink(missing_ok=True)
+        fsync_dir(folder)

@@ -1,14 +1,20 @@
 """Teacher backends: ONNX, TorchScript, safetensors (or a state dict) + architecture, torch.export.
 
-``load_teacher`` picks the backend by suffix, confirms it by content and returns an object that
-satisfies :class:`~calibrate_teacher.teachers.base.Teacher`. Every backend returns the
-*pre-softmax* logits: a model that ends in a softmax it can see (an ONNX ``Softmax`` node or the
-hand-built ``Exp``/``ReduceSum``/``Div``, an ``nn.Softmax`` module, an ``aten.softmax`` node) is
-read at the softmax's input, and an output whose rows are non-negative and sum to 1 with no such
+``load_teacher`` picks the backend by suffix, confirms it by content (a suffix that names no
+format, such as ``.bin``, is read by content alone) and returns an object that satisfies
+:class:`~calibrate_teacher.teachers.base.Teacher`. Every backend returns the *pre-softmax* logits:
+a model that ends in a softmax it can see (an ONNX ``Softmax`` node or the hand-built
+``Exp``/``ReduceSum``/``Div``, an ``nn.Softmax`` module, an ``aten.softmax`` node) is read at the
+softmax's input, and an output whose rows are non-negative and sum to 1 with no such
 softmax in sight is refused rather than calibrated as if it were logits.
 
 Where the logits come back: ONNX teachers return CPU tensors; the PyTorch backends return them on
 ``teacher.device``. Half-precision outputs are widened to float32.
+
+:func:`as_teacher` adapts what a KD script already holds instead: an ``nn.Module``, or any callable
+returning logits (or a tuple / mapping / ``ModelOutput`` holding them), becomes a ``"module"``
+teacher (see :mod:`calibrate_teacher.teachers._memory`) that runs where the module's parameters
+are and never moves it.
 
 Each loaded teacher also has ``notes`` (a list of one-line remarks for stderr, e.g. that the
 CUDA provider did not start) and ONNX teachers a ``provider`` (the execution provider in use).
@@ -17,21 +23,22 @@ CUDA provider did not start) and ONNX teachers a ``provider`` (the execution pro
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
 from calibrate_teacher.errors import InvalidValueError
-from calibrate_teacher.teachers._files import TEACHER_SUFFIXES, BackendTeacher, detect_format
-from calibrate_teacher.teachers.base import InputSpec, Teacher, TeacherFormat
+from calibrate_teacher.teachers._files import TEACHER_SUFFIXES, BackendTeacher, content_note, detect_format
+from calibrate_teacher.teachers.base import Inputs, InputSpec, Teacher, TeacherFormat
 
-__all__ = ["TEACHER_SUFFIXES", "InputSpec", "Teacher", "TeacherFormat", "load_teacher"]
+__all__ = ["TEACHER_SUFFIXES", "InputSpec", "Inputs", "Teacher", "TeacherFormat", "as_teacher", "load_teacher"]
 
 
 def backend(fmt: TeacherFormat) -> ModuleType:
     """The module that loads and bakes ``fmt`` (each has ``load`` and ``bake``)."""
     from calibrate_teacher.teachers import _export, _onnx, _safetensors, _torchscript
 
+    # "module" teachers live in memory: nothing to load from a file or bake into one.
     modules: dict[TeacherFormat, ModuleType] = {
         "onnx": _onnx,
         "torchscript": _torchscript,
@@ -58,6 +65,9 @@ def open_teacher(
     teacher: BackendTeacher = backend(fmt).load(
         file, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
     )
+    note = content_note(file, fmt)
+    if note is not None:  # a suffix that names no format: say what the bytes were read as
+        teacher.notes.insert(0, note)
     return teacher
 
 
@@ -74,7 +84,9 @@ def load_teacher(
     Args:
         path: ``.onnx``; ``.pt``/``.pth``/``.torchscript``/``.jit`` (TorchScript, or a state dict
             read with ``weights_only=True`` when ``arch`` is given); ``.safetensors`` (with
-            ``arch``); ``.pt2`` (torch.export).
+            ``arch``); ``.pt2`` (torch.export). Any other suffix (``.bin``, ``.ts``, none) is
+            read by its content: ``pytorch_model.bin`` as a state dict (with ``arch``),
+            ``model.ts`` as TorchScript.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         output: Which output holds the logits when the model has several: an ONNX output
             name, a key of a returned mapping (default ``logits``), or an index into a tuple.
@@ -87,9 +99,52 @@ def load_teacher(
         float pre-softmax logits ``[n, num_classes]``.
 
     Raises:
-        InputError: the file is missing, has an unknown suffix, or its content does not match.
+        InputError: the file is missing, its content is no format we read, or its suffix
+            names another format than its content (the message says which to rename it to).
         TeacherError: the model cannot be loaded or run (wrong ``arch``, weights that do not
             fit it, several inputs, probabilities without a visible softmax...).
         InvalidValueError: a malformed ``device``, ``arch`` or ``arch_kwargs``.
     """
     return open_teacher(path, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs)
+
+
+def as_teacher(
+    model: Teacher | Callable[..., object],
+    *,
+    output: str | int | None = None,
+    name: str | None = None,
+) -> Teacher:
+    """A loaded teacher as it is, or an in-memory module / callable adapted to :class:`Teacher`.
+
+    Args:
+        model: A :class:`Teacher`, an ``nn.Module``, or a callable returning logits (a tensor,
+            or a tuple / mapping / ``ModelOutput`` holding them).
+        output: Modules and callables: the key, attribute or index of the logits in the
+            output; default ``logits`` (a tuple's first item).
+        name: Modules and callables: the label used in messages (default ``<ClassName>``).
+
+    Returns:
+        A teacher of format ``"module"`` for a module or callable: ``device`` is where its
+        parameters are, ``input_names`` its forward's parameters, and ``num_classes`` is set
+        by the first batch it runs on.
+
+    Raises:
+        InvalidValueError: ``model`` is a path (use :func:`load_teacher`), or neither a teacher
+            nor callable.
+    """
+    import torch
+
+    from calibrate_teacher.teachers._memory import MemoryTeacher
+
+    if isinstance(model, str | os.PathLike):
+        raise InvalidValueError(f"teacher {str(model)!r}: a path; load it with load_teacher")
+    if isinstance(model, torch.nn.Module):
+        return MemoryTeacher(model, output=output, name=name)
+    if callable(getattr(model, "logits", None)) and not callable(model):
+        return model  # already a Teacher
+    if callable(model):
+        return MemoryTeacher(model, output=output, name=name)
+    raise InvalidValueError(
+        f"teacher: got {type(model).__name__}; expected a teacher file, a loaded teacher, an "
+        "nn.Module or a callable returning logits"
+    )

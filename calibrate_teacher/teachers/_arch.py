@@ -71,6 +71,8 @@ def build_model(arch: str, arch_kwargs: Mapping[str, object] | str | None) -> to
         raise TeacherError(
             f"--arch {arch!r}: calling {attr}(**{kwargs}) failed ({exc}); fix --arch-kwargs"
         ) from exc
+    except Exception as exc:  # user code: whatever it raises is its error, not ours
+        raise user_code_error(arch, f"calling {attr}(**{kwargs})", exc) from exc
     if not isinstance(model, torch.nn.Module):
         raise TeacherError(
             f"--arch {arch!r}: {attr} returned {type(model).__name__}, not a torch.nn.Module"
@@ -96,6 +98,9 @@ def _import_target(arch: str, target: str) -> object:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
+        except Exception as exc:  # user code: whatever it raises is its error, not ours
+            del sys.modules[name]
+            raise user_code_error(arch, f"importing {file}", exc) from exc
         except BaseException:
             del sys.modules[name]
             raise
@@ -105,6 +110,29 @@ def _import_target(arch: str, target: str) -> object:
     try:
         return importlib.import_module(target)
     except ModuleNotFoundError as exc:
+        if exc.name is not None and not target.startswith(exc.name):
+            raise user_code_error(arch, f"importing {target}", exc) from exc
         raise TeacherError(
             f"--arch {arch!r}: cannot import {target} ({exc}); install it or point to a .py file"
         ) from exc
+    except Exception as exc:  # user code: whatever it raises is its error, not ours
+        raise user_code_error(arch, f"importing {target}", exc) from exc
+
+
+def user_code_error(arch: str, doing: str, exc: BaseException) -> TeacherError:
+    """One line for an exception raised by the user's ``--arch`` code, naming where it came from."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = Path(__file__).resolve().parent.parent
+    user = [f for f in frames if not Path(f.filename).resolve().is_relative_to(mine)]
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" at {exc.filename}:{exc.lineno}"
+    elif user:
+        where = f" at {user[-1].filename}:{user[-1].lineno}"
+    text = " ".join(str(exc).split())[:200]
+    return TeacherError(
+        f"--arch {arch!r}: {doing} raised {type(exc).__name__}{where}"
+        f"{': ' + text if text else ''}; fix the architecture code or --arch-kwargs"
+    )

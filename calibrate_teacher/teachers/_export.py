@@ -3,21 +3,42 @@
 The program records its input shapes, so the probe batch comes from the file itself. A program
 whose selected output is ``aten.softmax`` over the last dimension is read at the softmax's input.
 
+A program exported the default way (``torch.export.export(m, (x,))``, no ``dynamic_shapes``) runs
+on one batch size only; so does one whose batch dimension has bounds. ``batch_rows`` records what
+the program takes, and :meth:`ExportTeacher.logits` runs any batch in chunks it accepts (see
+:func:`~calibrate_teacher.teachers._torch.run_in_chunks`); the probe batch is made at a size the
+program takes. An input whose *other* dimensions differ from the program's fixed sizes is refused
+with one line that names the ``dynamic_shapes=`` to re-export with, never the guard's traceback.
+
 Baking edits the FX graph of ``program.module()``: one ``aten.div`` by T is inserted right after the
 logits node (before the softmax, when there is one), every other use is rewired to it, and the
-result is exported again with the batch dimension dynamic (where the program allows it).
+result is exported again with the batch dimension as dynamic as the original's (``Dim.AUTO``, with
+its bounds) or, for a static program, the same fixed batch (a static program's graph may bake its
+batch size into reshapes, so re-exporting it dynamic is not possible in general).
+
+A program in a file with another suffix (``model.bin``: found by content) is read and written
+through a file object, which torch.export accepts silently whatever the name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate_teacher._device import resolve_device
 from calibrate_teacher.errors import BakeError, TeacherError
 from calibrate_teacher.teachers._files import BakedFiles
-from calibrate_teacher.teachers._torch import ModuleTeacher, expand_sample, select_output
+from calibrate_teacher.teachers._pt2_safety import audit_archive, check_graph, forced_weights_only
+from calibrate_teacher.teachers._torch import (
+    BatchRows,
+    ModuleFn,
+    ModuleTeacher,
+    batch_note,
+    expand_sample,
+    select_output,
+)
 from calibrate_teacher.teachers.base import InputSpec
 
 if TYPE_CHECKING:
@@ -32,15 +53,53 @@ class ExportTeacher(ModuleTeacher):
     program: ExportedProgram
     logits_node: str
 
+    def _reshape_hint(self, dims: Sequence[int]) -> str:
+        return f"re-export it with {dynamic_hint(self.input_spec, dims)}"
+
+
+def dynamic_hint(spec: InputSpec | None, dims: Sequence[int] = ()) -> str:
+    """``dynamic_shapes={"x": {0: Dim.AUTO, ...}}`` for the batch and ``dims``."""
+    name = spec.name if spec is not None and spec.name else "x"
+    axes = ", ".join(f"{d}: Dim.AUTO" for d in sorted({0, *dims}))
+    return f'dynamic_shapes={{"{name}": {{{axes}}}}}'
+
 
 def read_program(path: Path) -> ExportedProgram:
-    """``torch.export.load`` with a one-line error for a damaged archive."""
+    """``torch.export.load`` of an audited archive, with a one-line error for a damaged one.
+
+    The archive is checked first (:func:`~calibrate_teacher.teachers._pt2_safety.audit_archive`:
+    nothing that torch would unpickle, ``eval`` or run natively), every ``torch.load`` inside is
+    forced to ``weights_only=True``, and the loaded graph's targets are checked again.
+    """
     import torch
 
+    audit_archive(path)
     try:
-        return torch.export.load(str(path))
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise TeacherError(f"{path}: cannot load the torch.export program ({exc})") from exc
+        with forced_weights_only(), _quiet_export_log():
+            if path.suffix.lower() == ".pt2":
+                program = torch.export.load(str(path))
+            else:  # torch.export warns about a name without .pt2, never about a file object
+                with open(path, "rb") as fh:
+                    program = torch.export.load(fh)
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise TeacherError(f"{path}: cannot load the torch.export program ({reason})") from exc
+    check_graph(path, program.graph_module)
+    return program
+
+
+@contextlib.contextmanager
+def _quiet_export_log() -> Iterator[None]:
+    """torch.export.load logs a traceback before its own fallback; the error is ours to report."""
+    import logging
+
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load(
@@ -54,8 +113,8 @@ def load(
     """Load a ``.pt2`` program; find its logits node (the softmax input, if it ends in one)."""
     program = read_program(path)
     where = resolve_device(device)
-    spec, example = _input(program, path)
-    sample = expand_sample(example, 2 if spec.shape[0] is None else int(spec.shape[0]))
+    spec, example, rows = _input(program, path)
+    sample = expand_sample(example, sample_rows(rows))
     module = program.module()
     node = _logits_node(module, sample, output, path)
     pre = _pre_softmax(node)
@@ -64,15 +123,14 @@ def load(
     if pre is not None:
         logits_module = program.module().to(where)
         _return_node(logits_module, pre.name)
-
-        def logits_fn(x: torch.Tensor) -> object:
-            return logits_module(x)
+        logits_fn = _guarded(logits_module, path, spec)
 
     notes = [f"--arch ignored: {path.name} is a torch.export program"] if arch else []
+    notes += batch_note(path, rows, f"re-export it with {dynamic_hint(spec)}")
     teacher = ExportTeacher(
         path,
         "export",
-        module,
+        _guarded(module, path, spec),
         device=where,
         output=output,
         input_dtype=example.dtype,
@@ -80,12 +138,40 @@ def load(
         sample=sample,
         input_spec=spec,
         notes=notes,
+        batch_rows=rows,
     )
     teacher.program, teacher.logits_node = program, (pre or node).name
     return teacher
 
 
-def _input(program: ExportedProgram, path: Path) -> tuple[InputSpec, torch.Tensor]:
+def sample_rows(rows: BatchRows | None) -> int:
+    """The rows of a batch the program takes: 2, moved into its bounds."""
+    if rows is None:
+        return 2
+    fewest, most = rows
+    return max(fewest, 2) if most is None else min(max(fewest, 2), most)
+
+
+def _guarded(module: torch.nn.Module, path: Path, spec: InputSpec) -> ModuleFn:
+    """``module`` with the program's input-guard failures turned into one-line TeacherErrors."""
+
+    def run(x: torch.Tensor) -> object:
+        try:
+            return module(x)
+        except (AssertionError, RuntimeError) as exc:
+            text = " ".join(str(exc).split())
+            if "Guard failed" not in text and "Expected input" not in text:
+                raise
+            raise TeacherError(
+                f"{path}: the program does not run on inputs of shape {tuple(x.shape)} "
+                f"({text[:160]}); re-export it with {dynamic_hint(spec, range(1, x.ndim))}"
+            ) from exc
+
+    return run
+
+
+def _input(program: ExportedProgram, path: Path) -> tuple[InputSpec, torch.Tensor, BatchRows | None]:
+    """The input's spec, an example tensor and the batch sizes the program runs on."""
     import torch
 
     user = list(program.graph_signature.user_inputs)
@@ -104,7 +190,22 @@ def _input(program: ExportedProgram, path: Path) -> tuple[InputSpec, torch.Tenso
     if args and isinstance(args[0], torch.Tensor):
         example = args[0].detach().cpu()
     dtype = str(fake.dtype).removeprefix("torch.")
-    return InputSpec(name=user[0], shape=shape, dtype=dtype), example
+    rows = _batch_rows(program, fake.shape[0]) if fake.ndim else None
+    return InputSpec(name=user[0], shape=shape, dtype=dtype), example, rows
+
+
+def _batch_rows(program: ExportedProgram, size: object) -> BatchRows | None:
+    """(fewest, most) rows the program takes: a static size, or its symbol's range."""
+    if isinstance(size, int):
+        return size, size
+    expr = getattr(getattr(size, "node", None), "expr", None)
+    bounds = program.range_constraints.get(expr) if expr is not None else None
+    if bounds is None:
+        return None
+    # sympy Integers are finite; torch's int_oo (no upper bound) is not an Integer.
+    fewest = max(int(bounds.lower), 1) if bounds.lower.is_Integer else 1
+    most = int(bounds.upper) if bounds.upper.is_Integer else None
+    return fewest, most
 
 
 def _output_nodes(module: GraphModule) -> list[Node]:
@@ -168,14 +269,24 @@ def bake(
     spec = teacher.input_spec
     if spec is None:  # pragma: no cover - load() always sets it for programs
         raise BakeError(f"{teacher.path}: the program's input shape is unknown")
-    # The batch dimension and every dimension that was dynamic stay dynamic (AUTO: where the
-    # program allows); the rest keep their exported sizes.
-    dims = {i: Dim.AUTO if i == 0 or d is None else Dim.STATIC for i, d in enumerate(spec.shape)}
-    sample = teacher._probe(2).cpu()
+    # The batch dimension stays as dynamic as it was (AUTO keeps its bounds, since the module's
+    # input guards are traced too), every dynamic dimension stays dynamic, the rest keep their
+    # exported sizes. A static batch stays static: the graph may hold its size (a reshape).
+    rows = teacher.batch_rows
+    fixed = rows is not None and rows[0] == rows[1]
+    dims = {
+        i: Dim.STATIC if (i == 0 and fixed) or (i > 0 and d is not None) else Dim.AUTO
+        for i, d in enumerate(spec.shape)
+    }
+    sample = teacher._probe(sample_rows(rows)).cpu()
     try:
         program = torch.export.export(module, (sample,), dynamic_shapes=(dims,))
-        torch.export.save(program, str(staged))
-    except (RuntimeError, ValueError, TypeError) as exc:
+        if staged.suffix.lower() == ".pt2":
+            torch.export.save(program, str(staged))
+        else:  # a teacher found by content keeps its suffix (see read_program)
+            with open(staged, "wb") as fh:
+                torch.export.save(program, fh)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise BakeError(
             f"{teacher.path}: re-exporting with the temperature failed: "
             f"{' '.join(str(exc).split())[:200]}"

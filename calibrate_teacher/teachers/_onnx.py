@@ -8,12 +8,17 @@ back to CPU silently when CUDA libraries are missing); anything worth telling th
 exceptions, which we turn into one-line :class:`TeacherError` messages.
 
 ``logits()`` returns float32 (float64 for float64 models) tensors on the CPU.
+
+A graph whose batch dimension is a fixed number (exported without a dynamic batch, often 1) runs
+any batch in chunks of that size, the last one padded and its padding's outputs dropped
+(:func:`~calibrate_teacher.teachers._torch.run_in_chunks`); the baked model keeps that batch size.
+An input whose other fixed dimensions differ is refused with one line before onnxruntime sees it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,17 +29,22 @@ from calibrate_teacher.teachers._onnx_graph import (
     FLOAT_TYPES,
     LogitsTensor,
     choose_output,
-    external_files,
+    drop_unused_initializers,
+    external_tensors,
     insert_division,
     merge_external_data,
     real_inputs,
     value_shape,
 )
 from calibrate_teacher.teachers._torch import (
+    BatchRows,
     as_logits,
+    batch_note,
+    check_input_shape,
     expand_sample,
     looks_like_probabilities,
     refuse_probabilities,
+    run_in_chunks,
 )
 from calibrate_teacher.teachers.base import InputSpec, TeacherFormat
 
@@ -46,6 +56,7 @@ _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _DYNAMIC_SIZE = 32  # probe size for a dynamic non-batch dimension (e.g. image height)
+_DYNAMIC_BATCH = "re-export it with a dynamic batch (torch.onnx.export dynamic_shapes= or dynamic_axes=)"
 
 
 def ort_errors() -> tuple[type[Exception], ...]:
@@ -113,9 +124,13 @@ class OnnxTeacher:
 
         self.path = path
         self.input_spec = spec
+        self.input_names: tuple[str, ...] | None = (spec.name,) if spec.name else None
         self.provider = provider
         self.device = device
-        self.notes = notes
+        first = spec.shape[0] if spec.shape else None
+        #: The batch size the graph is fixed at, as (fewest, most) rows; None for a dynamic batch.
+        self.batch_rows: BatchRows | None = (first, first) if first else None
+        self.notes = notes + batch_note(path, self.batch_rows, _DYNAMIC_BATCH)
         self.output = info.output
         self.logits_tensor = info.tensor
         self.info = info
@@ -126,9 +141,15 @@ class OnnxTeacher:
         self.num_classes = int(last) if last else int(self.logits(self._probe(1)).shape[1])
 
     def _run(self, name: str, batch: torch.Tensor) -> torch.Tensor:
+        check_input_shape(batch, self.input_spec, file=self.path, fix=_reshape_hint)
+        return run_in_chunks(
+            lambda rows: self._run_once(name, rows), batch.detach().cpu(), self.batch_rows, file=self.path
+        )
+
+    def _run_once(self, name: str, batch: torch.Tensor) -> torch.Tensor:
         import torch
 
-        x = batch.detach().cpu().numpy().astype(self._input_dtype, copy=False)
+        x = batch.numpy().astype(self._input_dtype, copy=False)
         try:
             (value,) = self._session.run([name], {self.input_spec.name: x})
         except ort_errors() as exc:
@@ -136,7 +157,6 @@ class OnnxTeacher:
                 f"{self.path}: onnxruntime failed on a batch of shape "
                 f"{tuple(x.shape)}: {' '.join(str(exc).split())[:240]}"
             ) from exc
-            raise
         return torch.from_numpy(value)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -167,6 +187,13 @@ class OnnxTeacher:
         return expand_sample(
             torch.zeros(shape, dtype=torch.float32 if float_like else torch.int64), batch_size
         )
+
+
+def _reshape_hint(dims: Sequence[int]) -> str:
+    return (
+        f"re-export it with dimension(s) {', '.join(map(str, dims))} dynamic (torch.onnx.export "
+        "dynamic_shapes= or dynamic_axes=)"
+    )
 
 
 def read_model(path: Path) -> onnx.ModelProto:
@@ -219,6 +246,7 @@ def load(
     from onnx import helper
 
     model = read_model(path)
+    external_tensors(model, path.parent)  # before onnxruntime follows any location
     inputs = real_inputs(model)
     if len(inputs) != 1:
         names = ", ".join(v.name for v in inputs)
@@ -279,8 +307,9 @@ def bake(teacher: OnnxTeacher, temperature: float, staged: Path, *, head: str | 
 
     model = read_model(teacher.path)
     insert_division(model, teacher.logits_tensor, temperature, teacher.info.elem_type)
+    drop_unused_initializers(model)
     extra: tuple[Path, ...] = ()
-    if external_files(model, teacher.path.parent):
+    if external_tensors(model, teacher.path.parent):
         data = staged.with_name(staged.name + ".data")
         merge_external_data(model, teacher.path.parent, data)
         extra = (data,)

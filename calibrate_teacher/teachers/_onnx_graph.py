@@ -17,7 +17,6 @@ softmax, a second ``logits`` output, ...) sees ``z / T`` and no graph output cha
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,50 +223,118 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _all_tensors(sub)
 
 
-def external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
-    """The external data files the model refers to (in first-use order); checks they exist."""
-    files: list[Path] = []
+@dataclass(frozen=True)
+class ExternalTensor:
+    """One tensor whose bytes live in an external data file.
+
+    Attributes:
+        tensor: The tensor proto (its ``external_data`` entries are rewritten by the merge).
+        file: The data file, resolved (symlinks followed) and inside the model's folder.
+        offset: Where the tensor's bytes start in ``file``.
+        length: How many bytes it has.
+    """
+
+    tensor: onnx.TensorProto
+    file: Path
+    offset: int
+    length: int
+
+
+def external_tensors(model: onnx.ModelProto, base: Path) -> list[ExternalTensor]:
+    """Every tensor stored outside the model, checked before anything reads its bytes.
+
+    A location must name a regular file that, with every symlink followed, lies inside the
+    model's folder ``base``; offset and length must fit inside that file. So neither
+    onnxruntime nor the bake ever reads a file the model does not own.
+
+    Raises:
+        TeacherError: naming the tensor, its location and what is wrong.
+    """
+    import stat
+
+    root = base.resolve()
+    found: list[ExternalTensor] = []
     for tensor in _all_tensors(model.graph):
         if tensor.data_location != 1:  # TensorProto.EXTERNAL
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        file = base / location
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
+        where = f"{base}: tensor {tensor.name!r} keeps its data in {location!r}"
         if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise TeacherError(f"{where}, outside the model's folder; refusing to read it")
+        try:
+            real = (base / location).resolve(strict=True)
+            info = os.stat(real)
+        except FileNotFoundError as exc:
+            raise TeacherError(f"{base / location}: the external data file the model needs is missing") from exc
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a permission error
+            raise TeacherError(f"{where}, which cannot be opened ({exc})") from exc
+        if not real.is_relative_to(root):
             raise TeacherError(
-                f"{base}: tensor {tensor.name!r} names external data outside "
-                f"the model's folder ({location!r})"
+                f"{where}, a link to {real} outside the model's folder; refusing to read it"
             )
-        if not file.is_file():
-            raise TeacherError(f"{file}: the external data file the model needs is missing")
-        if file not in files:
-            files.append(file)
-    return files
+        if not stat.S_ISREG(info.st_mode):
+            raise TeacherError(f"{where}, which is not a regular file")
+        try:
+            offset = int(entries.get("offset", 0))
+            length = int(entries.get("length", info.st_size - offset))
+        except ValueError as exc:
+            raise TeacherError(f"{where} with a malformed offset or length ({exc})") from exc
+        if offset < 0 or length < 0 or offset + length > info.st_size:
+            raise TeacherError(
+                f"{where} at bytes [{offset}, {offset + length}), past the file's "
+                f"{info.st_size} bytes; the model or its data file is damaged"
+            )
+        found.append(ExternalTensor(tensor, real, offset, length))
+    return found
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node (of any subgraph) and no graph output reads."""
+    used = set(_names_read(model.graph)) | {o.name for o in model.graph.output}
+    dropped = {t.name for t in model.graph.initializer if t.name not in used}
+    if not dropped:
+        return
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
+    inputs = [v for v in model.graph.input if v.name not in dropped]  # IR < 4 lists them too
+    del model.graph.initializer[:], model.graph.input[:]
+    model.graph.initializer.extend(keep)
+    model.graph.input.extend(inputs)
+
+
+def _names_read(graph: onnx.GraphProto) -> Iterator[str]:
+    for node in graph.node:
+        yield from node.input
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for sub in (*subgraphs, *attribute.graphs):
+                yield from _names_read(sub)
+                yield from (o.name for o in sub.output)
 
 
 def merge_external_data(model: onnx.ModelProto, base: Path, target: Path) -> None:
-    """Copy every external data file into one ``target`` and point the model's tensors at it.
+    """Copy each external tensor's bytes into one ``target`` and point the tensors at it.
 
-    Each source file is copied whole at a page-aligned offset, so tensor offsets only shift.
+    Only the bytes of tensors the model holds are copied (each at a page-aligned offset),
+    never whole files, so bytes the graph does not own never reach the output.
     """
-    starts: dict[str, int] = {}
+    tensors = external_tensors(model, base)
     with open(target, "wb") as out:
-        for file in external_files(model, base):
-            pad = -out.tell() % _ALIGN
-            out.write(b"\0" * pad)
-            starts[str(file)] = out.tell()
-            with open(file, "rb") as src:
-                shutil.copyfileobj(src, out, 16 << 20)
-    for tensor in _all_tensors(model.graph):
-        if tensor.data_location != 1:
-            continue
-        entries = {e.key: e.value for e in tensor.external_data}
-        file = base / entries["location"]
-        offset = int(entries.get("offset", 0))
-        length = int(entries.get("length", file.stat().st_size - offset))
-        entries.update(
-            location=target.name, offset=str(starts[str(file)] + offset), length=str(length)
-        )
-        del tensor.external_data[:]
-        for key, value in entries.items():
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        for item in tensors:
+            out.write(b"\0" * (-out.tell() % _ALIGN))
+            start = out.tell()
+            with open(item.file, "rb") as src:
+                src.seek(item.offset)
+                left = item.length
+                while left:
+                    block = src.read(min(left, 16 << 20))
+                    if not block:
+                        raise TeacherError(f"{item.file}: shorter than the model says; it is damaged")
+                    out.write(block)
+                    left -= len(block)
+            entries = {e.key: e.value for e in item.tensor.external_data}
+            entries.update(location=target.name, offset=str(start), length=str(item.length))
+            del item.tensor.external_data[:]
+            for key, value in entries.items():
+                entry = item.tensor.external_data.add()
+                entry.key, entry.value = key, value

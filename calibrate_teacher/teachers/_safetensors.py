@@ -4,14 +4,23 @@ Loading builds the architecture, checks the file's keys and shapes against it (a
 instead of PyTorch's wall of text) and loads with ``strict=True``. A ``.pt``/``.pth`` state dict is
 read with ``torch.load(weights_only=True)`` only: nothing is unpickled.
 
-Baking folds ``1/T`` into the final ``nn.Linear``: its weight and bias are divided by T, so the
-file keeps its keys, shapes and dtypes and any script that loads it gets logits / T. The head is
-the Linear whose output *is* the model output (found with forward hooks on a probe batch; through
-a final ``nn.Softmax`` module, its input) or the one named with ``--head``.
+The format comes from the bytes, not the suffix: ``pytorch_model.bin`` holding safetensors is
+read as safetensors, one holding a ``torch.save`` state dict as a state dict.
+
+Baking folds ``1/T`` into one ``nn.Linear``: its weight and bias are divided by T, so the file
+keeps its keys, shapes and dtypes and any script that loads it gets logits / T. Without
+``--head`` the head is *proven*, not guessed: the candidates are the Linear whose output is the
+model output (through a final ``nn.Softmax`` module, its input), then every other Linear the
+forward calls, from the last called to the first (at most eight); each is folded in memory in
+turn, and the first whose fold gives ``original / T`` on the probe batch is the head. So a forward
+that scales the head's output (``head(x) * 3``) or averages it still bakes. A head whose weight is
+tied to another parameter is refused (the file stores the tie twice, so the fold would not
+survive loading). With ``--head NAME`` that layer is folded, after the same proof.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
@@ -21,7 +30,7 @@ from typing import TYPE_CHECKING
 from calibrate_teacher._device import resolve_device
 from calibrate_teacher.errors import BakeError, TeacherError
 from calibrate_teacher.teachers._arch import build_model
-from calibrate_teacher.teachers._files import BakedFiles
+from calibrate_teacher.teachers._files import PROBE_TOLERANCES, BakedFiles, detect_format
 from calibrate_teacher.teachers._torch import ModuleFn, ModuleTeacher, guess_sample, select_output
 from calibrate_teacher.teachers.base import TeacherFormat
 
@@ -33,13 +42,20 @@ _DP_PREFIX = "module."
 #: safetensors metadata keys the bake adds (metadata is str -> str).
 META_TEMPERATURE = "calibrate_teacher.temperature"
 META_HEAD = "calibrate_teacher.head"
+#: Rows of the probe batch a fold is proven on (as many as baking's own check uses).
+_PROOF_ROWS = 4
+#: Linear layers tried as the head, at most (each try is one probe forward).
+_MAX_CANDIDATES = 8
 
 
 class ArchTeacher(ModuleTeacher):
     """A teacher built from ``--arch`` with weights from a safetensors file or state dict."""
 
     model: torch.nn.Module
+    #: The Linear whose output is the model output (or the input of its final Softmax), if any.
     head: str | None
+    #: Every Linear the forward calls, in the order of their last call.
+    linears: list[str]
     key_prefix: str
     nested_key: str | None
 
@@ -55,14 +71,14 @@ def load(
     """Build ``arch``, load the weights at ``path`` into it (strict) and return the teacher."""
     import torch
 
-    fmt: TeacherFormat = "safetensors" if path.suffix.lower() == ".safetensors" else "state_dict"
     if arch is None:
         raise TeacherError(
             f"{path}: holds weights only; name the architecture with --arch pkg.module:factory "
             "or --arch path/to/file.py:factory (plus --arch-kwargs JSON)"
         )
+    fmt: TeacherFormat = "safetensors" if detect_format(path, arch=arch) == "safetensors" else "state_dict"
     model = build_model(arch, arch_kwargs)
-    state, nested, prefix = read_state(path)
+    state, nested, prefix = read_state(path, fmt)
     _check_keys(path, arch, model, state)
     model.load_state_dict(state, strict=True)
     where = resolve_device(device)
@@ -73,7 +89,7 @@ def load(
             return model(x.to(where))
 
     sample = guess_sample(model, run, file=path)
-    head, softmax = _trace_head(model, sample.to(where), output, path)
+    head, softmax, linears = _trace_head(model, sample.to(where), output, path)
     logits_fn = None if softmax is None else _softmax_input(softmax, model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     teacher = ArchTeacher(
@@ -88,14 +104,15 @@ def load(
     )
     teacher.model = model
     teacher.head = head
+    teacher.linears = linears
     teacher.key_prefix = prefix
     teacher.nested_key = nested
     return teacher
 
 
-def read_state(path: Path) -> tuple[dict[str, torch.Tensor], str | None, str]:
+def read_state(path: Path, fmt: TeacherFormat) -> tuple[dict[str, torch.Tensor], str | None, str]:
     """Return (state dict, key it was nested under, ``module.`` prefix that was stripped)."""
-    if path.suffix.lower() == ".safetensors":
+    if fmt == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -185,8 +202,8 @@ def _check_keys(
 
 def _trace_head(
     model: torch.nn.Module, sample: torch.Tensor, output: str | None, path: Path
-) -> tuple[str | None, torch.nn.Softmax | None]:
-    """Run ``sample`` with hooks; return the Linear producing the logits and a final Softmax."""
+) -> tuple[str | None, torch.nn.Softmax | None, list[str]]:
+    """Run ``sample`` with hooks: the Linear producing the logits, a final Softmax, every Linear."""
     import torch
 
     calls: list[tuple[str, torch.nn.Module, object, object]] = []
@@ -216,10 +233,15 @@ def _trace_head(
             softmax = module
             target = inputs[0] if isinstance(inputs, tuple) else target
     head = None
+    linears: list[str] = []  # in the order of their last call
     for name, module, _inputs, out in calls:
-        if out is target and isinstance(module, torch.nn.Linear):
-            head = name
-    return head, softmax
+        if isinstance(module, torch.nn.Linear):
+            if name in linears:
+                linears.remove(name)
+            linears.append(name)
+            if out is target:
+                head = name
+    return head, softmax, linears
 
 
 def _softmax_input(softmax: torch.nn.Softmax, model: torch.nn.Module) -> ModuleFn:
@@ -238,25 +260,18 @@ def _softmax_input(softmax: torch.nn.Softmax, model: torch.nn.Module) -> ModuleF
 
 
 def bake(teacher: ArchTeacher, temperature: float, staged: Path, *, head: str | None) -> BakedFiles:
-    """Write the weights with the head Linear divided by ``temperature`` to ``staged``."""
+    """Write the weights with the head Linear divided by ``temperature`` to ``staged``.
+
+    The head is ``head`` or, without it, the first candidate whose fold the probe proves (see
+    the module docstring); either way the fold is proven on the probe before anything is written.
+
+    Raises:
+        BakeError: ``head`` is no Linear, is tied, or fails the proof; or no candidate passes.
+    """
     import torch
 
-    name = head if head is not None else teacher.head
-    modules = dict(teacher.model.named_modules())
-    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-    if name is None:
-        raise BakeError(
-            f"{teacher.path}: no nn.Linear produces the model output directly; name the final "
-            f"layer with --head (Linear layers: {', '.join(linears[-4:]) or 'none'})"
-        )
-    layer = modules.get(name) if name else None
-    if not isinstance(layer, torch.nn.Linear):
-        what = "does not exist" if layer is None else f"is a {type(layer).__name__}, not nn.Linear"
-        raise BakeError(
-            f"--head {name!r}: {what} in {teacher.path} (Linear layers: "
-            f"{', '.join(linears[-4:]) or 'none'})"
-        )
-    _refuse_tied(teacher, name, layer)
+    name = _explicit_head(teacher, head, temperature) if head is not None else _find_head(teacher, temperature)
+    layer = teacher.model.get_submodule(name)
     keys = [teacher.key_prefix + f"{name}.{p}" for p, _ in layer.named_parameters(recurse=False)]
     if teacher.format == "safetensors":
         from safetensors import safe_open
@@ -276,6 +291,111 @@ def bake(teacher: ArchTeacher, temperature: float, staged: Path, *, head: str | 
     return BakedFiles(staged, head=name)
 
 
+def _linears(teacher: ArchTeacher) -> str:
+    """The last few Linear layers of the model, for messages."""
+    import torch
+
+    names = [n for n, m in teacher.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return ", ".join(names[-4:]) or "none"
+
+
+def _explicit_head(teacher: ArchTeacher, name: str, temperature: float) -> str:
+    """``--head NAME``: a Linear, untied, whose fold the probe proves."""
+    import torch
+
+    modules = dict(teacher.model.named_modules())
+    layer = modules.get(name) if name else None
+    if not isinstance(layer, torch.nn.Linear):
+        what = "does not exist" if layer is None else f"is a {type(layer).__name__}, not nn.Linear"
+        raise BakeError(f"--head {name!r}: {what} in {teacher.path} (Linear layers: {_linears(teacher)})")
+    tied = _tied_to(teacher, name, layer)
+    if tied is not None:
+        raise BakeError(
+            f"--head {name!r}: its weight is tied to {tied} in {teacher.path}; dividing it "
+            "would also change that layer: bake the ONNX/torch.export form of the teacher"
+        )
+    error, tolerance = _Proof(teacher, temperature)(name)
+    if not error <= tolerance:  # also NaN
+        raise BakeError(
+            f"--head {name!r}: folding 1/T into it does not give original / T on the probe batch of "
+            f"{teacher.path}: max |baked - original/T| = {error:.3g} > {tolerance:.3g}; name the last "
+            "layer before the output, or leave --head out to have it found"
+        )
+    return name
+
+
+def _find_head(teacher: ArchTeacher, temperature: float) -> str:
+    """The first candidate Linear (see the module docstring) whose fold the probe proves."""
+    import torch
+
+    candidates = list(dict.fromkeys([*([teacher.head] if teacher.head else []), *reversed(teacher.linears)]))
+    if not candidates:
+        raise BakeError(
+            f"{teacher.path}: the forward calls no nn.Linear to fold 1/T into; name the final layer "
+            f"with --head (Linear layers: {_linears(teacher)}), or bake the ONNX/torch.export form"
+        )
+    tried: list[str] = []
+    prove = _Proof(teacher, temperature)
+    for index, name in enumerate(candidates[:_MAX_CANDIDATES]):
+        layer = teacher.model.get_submodule(name)
+        assert isinstance(layer, torch.nn.Linear)  # _trace_head saw it as one
+        tied = _tied_to(teacher, name, layer)
+        if tied is not None and index == 0:
+            # The layer that makes the logits is shared (LM embeddings): an earlier layer that
+            # happens to fold would still be a surprise; the user picks with --head.
+            raise BakeError(
+                f"{teacher.path}: the head {name!r} has its weight tied to {tied}; dividing it would "
+                "also change that layer: name another layer with --head, or bake the "
+                "ONNX/torch.export form of the teacher"
+            )
+        if tied is not None:
+            tried.append(f"{name} (tied to {tied})")
+            continue
+        error, tolerance = prove(name)
+        if error <= tolerance:
+            return name
+        tried.append(f"{name} ({error:.2g} off)")
+    more = len(candidates) - _MAX_CANDIDATES
+    raise BakeError(
+        f"{teacher.path}: folding 1/T into no nn.Linear gives original / T on the probe batch (tried "
+        f"{', '.join(tried)}{f' and {more} more untried' if more > 0 else ''}); name the layer with "
+        "--head NAME, or bake the ONNX/torch.export form of the teacher"
+    )
+
+
+class _Proof:
+    """Folds one Linear at a time in memory and compares the probe's logits with original / T."""
+
+    def __init__(self, teacher: ArchTeacher, temperature: float) -> None:
+        self.teacher, self.temperature = teacher, temperature
+        self.probe = teacher._probe(_PROOF_ROWS)
+        self.expected = teacher.logits(self.probe).double() / temperature
+        relative = PROBE_TOLERANCES.get(teacher.precision, PROBE_TOLERANCES["float16"])
+        self.tolerance = relative * max(1.0, float(self.expected.abs().max()))
+
+    def __call__(self, name: str) -> tuple[float, float]:
+        """(max |folded - original/T|, tolerance) with ``name`` folded, then restored bit for bit.
+
+        The weight and bias are divided as the file's will be (in float64, rounded once).
+        """
+        import torch
+
+        layer = self.teacher.model.get_submodule(name)
+        params = list(layer.parameters(recurse=False))
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_((p.double() / self.temperature).to(p.dtype))
+            got = self.teacher.logits(self.probe).double()
+        finally:
+            with torch.no_grad():
+                for p, original in zip(params, saved, strict=True):
+                    p.copy_(original)
+        error = float((got - self.expected).abs().max()) if got.shape == self.expected.shape else math.inf
+        return (error if math.isfinite(error) else math.inf), self.tolerance
+
+
 def _scale(tensors: dict[str, torch.Tensor], keys: list[str], temperature: float) -> None:
     for key in keys:
         value = tensors[key]
@@ -283,11 +403,10 @@ def _scale(tensors: dict[str, torch.Tensor], keys: list[str], temperature: float
         tensors[key] = (value.double() / temperature).to(value.dtype).contiguous()
 
 
-def _refuse_tied(teacher: ArchTeacher, name: str, layer: torch.nn.Linear) -> None:
+def _tied_to(teacher: ArchTeacher, name: str, layer: torch.nn.Linear) -> str | None:
+    """The other parameter that shares the layer's weight (tied LM embeddings), or None."""
     pointer = layer.weight.data_ptr()
     for other, param in teacher.model.named_parameters(remove_duplicate=False):
         if other != f"{name}.weight" and param.data_ptr() == pointer:
-            raise BakeError(
-                f"--head {name!r}: its weight is tied to {other} in {teacher.path}; dividing it "
-                "would also change that layer: bake the ONNX/torch.export form of the teacher"
-            )
+            return other
+    return None

@@ -3,22 +3,42 @@
 TorchScript, torch.export and safetensors + architecture teachers are all "a callable that takes
 one tensor"; :class:`ModuleTeacher` turns such a callable into a :class:`Teacher`. Outputs may be
 a tensor, a tuple/list (``--output 1`` picks an index) or a mapping (``--output NAME``, default
-``logits``, as Hugging Face models return).
+``logits``, as Hugging Face models return). They take one unnamed tensor (``input_names`` is
+None); a mapping batch gives them its one entry (see
+:func:`~calibrate_teacher.teachers.base.single_input`).
+
+A model that runs only on some batch sizes (a torch.export program or ONNX graph exported with a
+static batch, or a dynamic one with bounds) gets ``batch_rows``: :func:`run_in_chunks` splits a
+batch into chunks it accepts, pads a short chunk by repeating its last row (zeros for an empty
+batch) and drops the padding's outputs, so the logits of every row are the model's own. A teacher
+that records its input shape (``input_spec``) refuses a batch whose fixed non-batch dimensions
+differ with one line (:func:`check_input_shape`) instead of the exporter's guard traceback.
+
+For in-memory models (:mod:`~calibrate_teacher.teachers._memory`), :func:`pick_logits` also reads
+an attribute (``ModelOutput.logits``) or an int index, and :func:`divide_logits` returns the
+output with its logits divided by T and every other entry kept.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from calibrate_teacher.errors import TeacherError
-from calibrate_teacher.teachers.base import InputSpec, TeacherFormat
+from calibrate_teacher.teachers.base import Inputs, InputSpec, TeacherFormat, single_input
 
 if TYPE_CHECKING:
     import torch
 
 ModuleFn = Callable[["torch.Tensor"], object]
+#: The batch sizes a model runs on: (fewest rows, most rows or None for no upper bound).
+BatchRows = tuple[int, int | None]
+#: Which entry of an in-memory model's output holds the logits: a key, an attribute, an index.
+Output = str | int | None
+_Where = tuple[Literal["self", "key", "index", "attr"], object]
 
 #: Spatial sizes tried, in order, when the input size must be guessed from the first layer.
 _IMAGE_SIZES = (32, 224, 28, 64, 96, 299)
@@ -101,6 +121,9 @@ class ModuleTeacher:
     floating point) and returns float logits on :attr:`device` (float32 for half models).
     """
 
+    #: One unnamed tensor input.
+    input_names: tuple[str, ...] | None = None
+
     def __init__(
         self,
         path: Path,
@@ -114,6 +137,7 @@ class ModuleTeacher:
         logits_fn: ModuleFn | None = None,
         input_spec: InputSpec | None = None,
         notes: list[str] | None = None,
+        batch_rows: BatchRows | None = None,
     ) -> None:
         self.path = path
         self.format: TeacherFormat = fmt
@@ -122,6 +146,8 @@ class ModuleTeacher:
         self.input_dtype = input_dtype
         self.input_spec = input_spec
         self.notes = notes if notes is not None else []
+        #: The batch sizes the model runs on (None: any); other batches run in chunks.
+        self.batch_rows = batch_rows
         self._fn = fn
         # When the model ends in a softmax we can see, logits_fn returns its input (the logits
         # tensor itself, already selected) and fn's output is the probabilities.
@@ -141,11 +167,20 @@ class ModuleTeacher:
             and x.is_floating_point()
         ):
             x = x.to(self.input_dtype)
-        with torch.inference_mode():
-            out = fn(x)
-        if not select and isinstance(out, torch.Tensor):
-            return out
-        return select_output(out, self.output, file=self.path)
+        check_input_shape(x, self.input_spec, file=self.path, fix=self._reshape_hint)
+
+        def chunk(rows: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                out = fn(rows)
+            if not select and isinstance(out, torch.Tensor):
+                return out
+            return select_output(out, self.output, file=self.path)
+
+        return run_in_chunks(chunk, x, self.batch_rows, file=self.path)
+
+    def _reshape_hint(self, dims: Sequence[int]) -> str:
+        """How to make the model take other sizes in ``dims`` (appended to the shape error)."""
+        return f"export the model with dimension(s) {', '.join(map(str, dims))} dynamic"
 
     def _raw(self, batch: torch.Tensor) -> torch.Tensor:
         if self._logits_fn is not None:
@@ -158,9 +193,9 @@ class ModuleTeacher:
             raise refuse_probabilities(self.path)
         return values
 
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: Inputs) -> torch.Tensor:
         """Return the pre-softmax logits ``[n, num_classes]`` on :attr:`device`."""
-        return self._checked(self._raw(batch))
+        return self._checked(self._raw(single_input(batch, name=None, where=self.path)))
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor | None:
         if self._logits_fn is None:
@@ -169,6 +204,100 @@ class ModuleTeacher:
 
     def _probe(self, batch_size: int) -> torch.Tensor:
         return expand_sample(self._sample, batch_size)
+
+
+def run_in_chunks(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    rows: BatchRows | None,
+    *,
+    file: Path,
+) -> torch.Tensor:
+    """``run(x)`` for a model that takes only ``rows`` = (fewest, most) rows per call.
+
+    The batch runs in chunks of at most ``most`` rows; a chunk short of ``fewest`` is padded by
+    repeating its last row (zeros for an empty batch) and the padding's outputs are dropped.
+
+    Raises:
+        TeacherError: an output whose first dimension is not the chunk's rows (the rows cannot
+            be told apart).
+    """
+    import torch
+
+    n = int(x.shape[0]) if x.ndim else 0
+    if rows is None or x.ndim == 0:
+        return run(x)
+    fewest, most = rows
+    if fewest <= n and (most is None or n <= most):
+        return run(x)
+    size = most if most is not None else max(n, fewest)
+    outputs: list[torch.Tensor] = []
+    for start in range(0, max(n, 1), size):
+        part = x[start : start + size]
+        kept = int(part.shape[0])
+        if kept < fewest:
+            filler = (
+                part[-1:].expand(fewest - kept, *part.shape[1:])
+                if kept
+                else x.new_zeros((fewest, *x.shape[1:]))
+            )
+            part = torch.cat([part, filler])
+        out = run(part)
+        if out.ndim == 0 or out.shape[0] != part.shape[0]:
+            raise TeacherError(
+                f"{file}: the model runs on batches of {_rows_text(rows)} rows, so batches run in "
+                f"chunks, but its output for {part.shape[0]} rows has shape {tuple(out.shape)}; "
+                "export it with a dynamic batch dimension"
+            )
+        outputs.append(out[:kept])
+    return torch.cat(outputs)
+
+
+def _rows_text(rows: BatchRows) -> str:
+    fewest, most = rows
+    if fewest == most:
+        return str(fewest)
+    return f"{fewest}..{most}" if most is not None else f"{fewest} or more"
+
+
+def batch_note(file: Path, rows: BatchRows | None, hint: str) -> list[str]:
+    """A note for a model whose batch size is fixed or bounded (it will run in chunks)."""
+    if rows is None:
+        return []
+    fewest, most = rows
+    if most is None and fewest <= 2:  # torch.export's default lower bound; nothing to say
+        return []
+    what = f"fixed at {fewest}" if fewest == most else f"limited to {_rows_text(rows)}"
+    return [
+        f"{file.name}: the batch size is {what}; batches run in chunks of that size (padded, "
+        f"padding dropped); {hint} to run them whole"
+    ]
+
+
+def check_input_shape(
+    x: torch.Tensor,
+    spec: InputSpec | None,
+    *,
+    file: Path,
+    fix: Callable[[Sequence[int]], str],
+) -> None:
+    """Refuse inputs whose rank or fixed non-batch dimensions differ from the recorded shape.
+
+    Raises:
+        TeacherError: naming the expected and given shapes and ``fix(dims)`` for the dims.
+    """
+    if spec is None or not spec.shape:
+        return
+    expected, got = spec.shape, tuple(int(d) for d in x.shape)
+    if len(got) != len(expected):
+        dims: list[int] = []
+    else:
+        dims = [i for i, (d, g) in enumerate(zip(expected, got, strict=True)) if i and d is not None and d != g]
+        if not dims:
+            return
+    want = ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(expected))
+    remedy = f"; resize the inputs, or {fix(dims)}" if dims else ""
+    raise TeacherError(f"{file}: the model takes inputs of shape ({want}), got {got}{remedy}")
 
 
 def expand_sample(sample: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -236,3 +365,106 @@ def guess_sample(module: torch.nn.Module, run: ModuleFn, *, file: Path) -> torch
         f"{file}: cannot work out the input shape to probe the model (first layer: {first}; "
         f"{tried}); save it as ONNX or torch.export, which record their input shape"
     )
+
+
+# --- in-memory models: the logits in any output, and dividing them in place of the original ---
+
+
+def _locate(out: object, output: Output, where: Path) -> _Where:
+    """How to reach the logits in ``out``: the value itself, a key, an index or an attribute."""
+    import torch
+
+    hint = "pick one with output=KEY or output=INDEX"
+    if isinstance(out, torch.Tensor):
+        if output not in (None, 0, "0"):
+            raise TeacherError(f"{where}: output={output!r} given but the model returns one tensor")
+        return "self", None
+    if isinstance(out, Mapping):
+        keys = list(out)
+        if isinstance(output, int) or (output not in keys and str(output).lstrip("-").isdigit()):
+            return "key", keys[_output_index(int(str(output)), len(keys), where)]
+        key = "logits" if output is None else output
+        if key not in out:
+            raise TeacherError(
+                f"{where}: the model returns a mapping without {key!r} "
+                f"({', '.join(map(str, keys))}); {hint}"
+            )
+        return "key", key
+    name = "logits" if output is None else output
+    if isinstance(name, str) and not name.lstrip("-").isdigit() and hasattr(out, name):
+        return "attr", name
+    if isinstance(out, Sequence) and not isinstance(out, str | bytes) and len(out) > 0:
+        if output is None:
+            return "index", 0
+        if isinstance(output, int) or output.lstrip("-").isdigit():
+            return "index", _output_index(int(output), len(out), where)
+        raise TeacherError(f"{where}: output={output!r} names no entry of the {type(out).__name__}; {hint}")
+    raise TeacherError(
+        f"{where}: the model returns {type(out).__name__}, not a tensor, tuple, mapping or "
+        "object with logits; return the logits or pick them with output="
+    )
+
+
+def _output_index(index: int, length: int, where: Path) -> int:
+    if not -length <= index < length:
+        raise TeacherError(
+            f"{where}: the model returns {length} outputs; output= takes an index 0..{length - 1}, "
+            f"got {index}"
+        )
+    return index % length
+
+
+def _get(out: object, at: _Where) -> object:
+    kind, key = at
+    if kind == "self":
+        return out
+    if kind == "attr":
+        return getattr(out, str(key))
+    if kind == "key":
+        return out[key]  # type: ignore[index]  # _locate saw a Mapping
+    return out[int(str(key))]  # type: ignore[index]  # _locate saw a Sequence
+
+
+def pick_logits(out: object, output: Output, *, where: Path) -> torch.Tensor:
+    """The logits tensor in whatever the model returned.
+
+    Raises:
+        TeacherError: no such entry, or the entry is not a tensor.
+    """
+    import torch
+
+    value = _get(out, _locate(out, output, where))
+    if not isinstance(value, torch.Tensor):
+        raise TeacherError(
+            f"{where}: the selected output is {type(value).__name__}, not a tensor; pick the "
+            "logits with output="
+        )
+    return value
+
+
+def divide_logits(out: object, temperature: float, output: Output, *, where: Path) -> object:
+    """``out`` with its logits divided by ``temperature``, every other entry kept as it is."""
+    at = _locate(out, output, where)
+    scaled = pick_logits(out, output, where=where) / temperature
+    kind, key = at
+    if kind == "self":
+        return scaled
+    if kind == "key":
+        if isinstance(out, dict):  # dict, OrderedDict, ModelOutput: keep the type
+            mapping = copy.copy(out)
+            mapping[key] = scaled
+            return mapping
+        return {**out, key: scaled}  # type: ignore[dict-item]  # _locate saw a Mapping
+    if kind == "attr":
+        if isinstance(out, tuple) and hasattr(out, "_replace"):  # a namedtuple
+            return out._replace(**{str(key): scaled})
+        if dataclasses.is_dataclass(out) and not isinstance(out, type):
+            return dataclasses.replace(out, **{str(key): scaled})
+        new = copy.copy(out)
+        setattr(new, str(key), scaled)
+        return new
+    items = list(out)  # type: ignore[call-overload]  # _locate saw a Sequence
+    items[int(str(key))] = scaled
+    if isinstance(out, tuple) and hasattr(out, "_make"):  # a namedtuple
+        return out._make(items)
+    return type(out)(items)  # type: ignore[call-arg]  # tuple or list

@@ -8,7 +8,9 @@ visible as the attribute ``temperature`` of the saved module.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,10 +32,38 @@ def quiet_jit() -> Iterator[None]:
         yield
 
 
+#: TorchScript operators that read or write files by name: a model has no business calling them.
+_FILE_OPS = re.compile(rb"\b(from_file|_load_for_mobile|_save_for_mobile|load_library)\b")
+
+
+def audit_archive(path: Path) -> None:
+    """Refuse a TorchScript archive whose code calls an operator that reads files.
+
+    TorchScript code runs in TorchScript's own interpreter (not Python: no ``import``, no
+    ``os``, and its pickles build only TorchScript objects), but ``torch.from_file`` is an
+    ordinary operator there and reads any path it is given.
+
+    Raises:
+        TeacherError: naming the archive and the code file.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if "/code/" in name and _FILE_OPS.search(archive.read(name)):
+                    raise TeacherError(
+                        f"{path}: refused: {name} calls an operator that reads or writes files "
+                        "by name; calibrate-teacher never lets a model file read files outside "
+                        "its folder; export the teacher without it (or to ONNX)"
+                    )
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise TeacherError(f"{path}: cannot read the TorchScript archive ({exc})") from exc
+
+
 def read_module(path: Path, device: str) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` with a one-line error for a damaged archive."""
+    """``torch.jit.load`` of an audited archive, with a one-line error for a damaged one."""
     import torch
 
+    audit_archive(path)
     try:
         with quiet_jit():
             module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]

@@ -50,14 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import evidence_stats
 
-from calibrate_teacher import calibrate, obtain_logits
+import calibrate_teacher as ct
+from calibrate_teacher import calibrate, export_soft_labels, obtain_logits
 from calibrate_teacher.report import fit_document, write_json
-from calibrate_teacher.soft_labels import (
-    Calibration,
-    SoftLabelDataset,
-    export_soft_labels,
-    kd_loss,
-)
+from calibrate_teacher.soft_labels import Calibration, SoftLabelDataset, kd_loss
 
 TAU, ALPHA = 4.0, 0.9  # the common KD setting (Hinton et al.; CRD's CIFAR-100 defaults)
 PAPER_T = 1.5
@@ -240,22 +236,20 @@ def run_dataset(spec: DatasetSpec, work: Path, seeds: list[int], log: Any) -> di
                                       dynamic_shapes=({0: torch.export.Dim.AUTO},))
         torch.export.save(program, str(path))
         # Measure and fit on the validation split exactly as `calibrate-teacher fit` does.
-        source = obtain_logits(teacher=path, data=work / "val.npz", device="cpu")
-        run = calibrate(path, logits=source, objective="ece", bake=False)
-        report = write_json(fit_document(run.fit, source=source.description),
-                            work / f"{t.name}.fit.json")  # what `fit --report` writes
+        teacher = ct.TeacherSpec(path, device="cpu")
+        source = obtain_logits(teacher, work / "val.npz")
+        run = calibrate(teacher, logits=source, objective="ece", bake=False)
+        report = write_json(fit_document(run), work / f"{t.name}.fit.json")  # what `fit --report` writes
         # The same, with the paper's policy: `fit --objective paper --report`.
-        policy = calibrate(path, logits=source, objective="paper", bake=False)
-        policy_report = write_json(fit_document(policy.fit, source=source.description),
-                                   work / f"{t.name}.policy.json")
+        policy = calibrate(teacher, logits=source, objective="paper", bake=False)
+        policy_report = write_json(fit_document(policy), work / f"{t.name}.policy.json")
         logits, labels = source.logits.logits, source.logits.labels
         arms: dict[str, Any] = {}
         for arm, calibration in (("raw", Calibration(1.0)), ("paper", Calibration(PAPER_T)),
                                  ("fit", Calibration.from_report(report)),
                                  ("policy", Calibration.from_report(policy_report))):
             cache = work / f"{t.name}-{arm}"
-            export_soft_labels(path, work / "train.npz", cache, temperature=calibration,
-                               device="cpu", top_k=0)
+            export_soft_labels(teacher, work / "train.npz", cache, temperature=calibration, top_k=0)
             soft = read_cache(cache, x_tr, y_tr)
             if arm == "raw":  # how sure the teacher is on the rows it was trained on
                 on_train = {"accuracy": float((soft.argmax(1) == y_tr).double().mean()),
