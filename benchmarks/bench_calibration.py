@@ -99,7 +99,7 @@ def main() -> None:
               max(args.repeat, 5), lambda f: f"T = {f.temperature:.6f}, {f.passes} full Newton passes")
     target = rows[-1][2]
     row("  ... then reading before, after, sweep (what `fit` shows)",
-        lambda: fit_temperature(logits, labels, objective="nll").to_dict(), 1)
+        lambda: fit_temperature(logits, labels, objective="nll").to_json(), 1)
     others = None if args.fit_only else _other_rows(logits, labels, row, rows, args.repeat)
     width = max(len(r[0]) for r in rows)
     print(f"{'what':<{width}}  {'seconds':>8}  {'x floor':>8}  note")

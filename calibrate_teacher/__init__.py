@@ -63,6 +63,7 @@ _LAZY: dict[str, str] = {
     "verify_cache": "calibrate_teacher.soft_labels",
     "write_soft_labels": "calibrate_teacher.soft_labels",
     "open_data": "calibrate_teacher.data",
+    "ImageFolderDataset": "calibrate_teacher.data",
     "PreprocessConfig": "calibrate_teacher.data.preprocess",
     "LogitBatch": "calibrate_teacher.collect",
     "collect_logits": "calibrate_teacher.collect",
@@ -91,6 +92,7 @@ __all__ = [
     "CalibrationRun",
     "DataSpec",
     "Evaluation",
+    "ImageFolderDataset",
     "InputError",
     "InputSpec",
     "InvalidValueError",
@@ -136,7 +138,7 @@ __all__ = [
 if TYPE_CHECKING:
     from calibrate_teacher.baking import BakeResult, apply_temperature, bake_temperature, default_baked_path
     from calibrate_teacher.collect import LogitBatch, collect_logits, iter_logits
-    from calibrate_teacher.data import open_data
+    from calibrate_teacher.data import ImageFolderDataset, open_data
     from calibrate_teacher.data.preprocess import PreprocessConfig
     from calibrate_teacher.jobs import (
         CalibrationRun,

@@ -8,7 +8,8 @@ Per format (details in each backend's docstring):
 * TorchScript: a scripted ``TemperatureScaled`` wrapper around the original module.
 * safetensors / ``.pt`` state dict + ``--arch``: 1/T folded into the final ``nn.Linear`` (weight
   and bias), keys, shapes and dtypes unchanged; safetensors metadata records T and the head.
-* torch.export: ``aten.div`` inserted after the logits node, re-exported with a dynamic batch.
+* torch.export: ``aten.div`` inserted after the logits node, re-exported with the same batch
+  dimension (a dynamic batch stays dynamic, a static one static).
 
 Every bake is written into a staging folder beside the output, loaded back, and run on a probe
 batch next to the original: ``max |baked - original / T|`` must stay within the tolerance
@@ -48,10 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from calibrate_teacher._io import atomic_output, check_output
+from calibrate_teacher._io import atomic_output, check_output, sha256_file
+from calibrate_teacher._validate import validate_temperature
 from calibrate_teacher.errors import BakeError, InvalidValueError
 from calibrate_teacher.teachers import backend, open_teacher
-from calibrate_teacher.teachers._files import BackendTeacher, check_temperature, detect_format
+from calibrate_teacher.teachers._files import PROBE_TOLERANCES, BackendTeacher, detect_format
 from calibrate_teacher.teachers._preprocessing import (
     classes_sidecar,
     find_model_classes,
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
 __all__ = ["BakeResult", "apply_temperature", "bake_temperature", "default_baked_path"]
 
 #: Relative tolerance of the probe check, by the precision of the model's output.
-TOLERANCES = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+TOLERANCES = PROBE_TOLERANCES
 PROBE_ROWS = 4
 _HEAD_FORMATS = ("safetensors", "state_dict")
 
@@ -92,6 +94,8 @@ class BakeResult:
         extra_files: Companion files written beside ``path`` (ONNX external data, the
             preprocessing sidecar, the class list).
         notes: Remarks from loading the teacher (provider fallback...), for stderr.
+        sha256: The SHA-256 of the baked file (a fit report records it, so that exporting
+            soft labels from the baked teacher with the same T again can be refused).
     """
 
     path: Path
@@ -105,8 +109,9 @@ class BakeResult:
     probe_shape: tuple[int, ...] = ()
     extra_files: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
+    sha256: str | None = None
 
-    def to_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (paths as strings)."""
         return {
             "path": str(self.path),
@@ -120,16 +125,21 @@ class BakeResult:
             "probe_shape": list(self.probe_shape),
             "extra_files": [str(p) for p in self.extra_files],
             "notes": list(self.notes),
+            "sha256": self.sha256,
         }
 
 
 def default_baked_path(teacher_path: str | os.PathLike[str]) -> Path:
-    """``<stem>.calibrated<suffix>`` next to the teacher.
+    """``<stem>.calibrated<suffix>`` next to the teacher (``<name>-calibrated`` without a suffix).
 
     >>> default_baked_path("models/resnet.onnx").as_posix()
     'models/resnet.calibrated.onnx'
+    >>> default_baked_path("models/program").as_posix()
+    'models/program-calibrated'
     """
     path = Path(teacher_path)
+    if not path.suffix:  # "program.calibrated" would read as a ".calibrated" file
+        return path.with_name(f"{path.name}-calibrated")
     return path.with_name(f"{path.stem}.calibrated{path.suffix}")
 
 
@@ -160,7 +170,7 @@ def bake_temperature(
         arch: The architecture for safetensors / state-dict teachers.
         arch_kwargs: Keyword arguments for ``arch`` (mapping or JSON object string).
         head: The ``nn.Linear`` to fold T into (safetensors / state dict only); default: the
-            Linear whose output is the model output.
+            Linear the probe proves (the last one first, then the others from last to first).
         probe: The input batch for the check; default: 4 deterministic random inputs shaped
             as the teacher expects.
         preprocess: The preprocessing the teacher was measured with, for the baked teacher to
@@ -179,7 +189,7 @@ def bake_temperature(
             preprocessing beside it is invalid.
         BakeError: the head cannot be found or is tied, or the baked teacher failed the check.
     """
-    value = check_temperature(temperature)
+    value = validate_temperature(temperature)
     source, target = Path(teacher_path), Path(out)
     fmt = detect_format(source, arch=arch)
     if head is not None and fmt not in _HEAD_FORMATS:
@@ -210,7 +220,7 @@ def bake_temperature(
         stack.callback(shutil.rmtree, staging, ignore_errors=True)
         # What the baked teacher carries, staged and checked before the (long) bake.
         carriers = _stage_carriers(staging, target, carried, class_names)
-        stale = _stale_carriers(target, carriers, overwrite=overwrite)
+        stale, carriers = _stale_carriers(target, carriers, overwrite=overwrite)
         files = backend(fmt).bake(original, value, staging / target.name, head=head)
         if fmt == "onnx" and (carried or class_names is not None):
             _record_in_onnx(files.model, carried, class_names)
@@ -243,6 +253,7 @@ def bake_temperature(
         probe_shape=tuple(batch.shape),
         extra_files=tuple(target.parent / f.name for f in extra),
         notes=tuple(original.notes),
+        sha256=sha256_file(target),
     )
 
 
@@ -253,7 +264,7 @@ def _carried(
     from calibrate_teacher.data.preprocess import merge_model_layers
 
     layers = find_model_preprocessing(source) if preprocess is None else ()
-    carried = preprocess.to_dict() if preprocess is not None else merge_model_layers(layers)
+    carried = preprocess.to_json() if preprocess is not None else merge_model_layers(layers)
     if classes is not None:
         return carried, tuple(str(c) for c in classes)
     found = find_model_classes(source)
@@ -276,17 +287,27 @@ def _stage_carriers(
     return written
 
 
-def _stale_carriers(target: Path, staged: Sequence[Path], *, overwrite: bool) -> list[Path]:
-    """Check the sidecar slots beside ``target``; return those this bake leaves stale.
+def _stale_carriers(
+    target: Path, staged: Sequence[Path], *, overwrite: bool
+) -> tuple[list[Path], list[Path]]:
+    """Check the sidecar slots beside ``target``: (those this bake leaves stale, those to write).
 
-    An existing one is refused without ``overwrite`` even when this bake writes none: the
-    baked teacher would read it.
+    An existing sidecar that already holds exactly what this bake would write is kept as it is
+    (two baked formats of one teacher, ``t.calibrated.onnx`` and ``t.calibrated.pt``, share
+    it). Any other existing one is refused without ``overwrite``, even when this bake writes
+    none: the baked teacher would read it.
     """
     slots = (target.with_name(f"{target.stem}.preprocess.json"), classes_sidecar(target))
+    by_name = {p.name: p for p in staged}
+    keep: set[str] = set()
     for path in slots:
+        new = by_name.get(path.name)
+        if new is not None and path.is_file() and not path.is_symlink() and path.read_bytes() == new.read_bytes():
+            keep.add(path.name)
+            continue
         check_output(path, overwrite=overwrite)
-    names = {p.name for p in staged}
-    return [p for p in slots if p.name not in names and (p.exists() or p.is_symlink())]
+    stale = [p for p in slots if p.name not in by_name and (p.exists() or p.is_symlink())]
+    return stale, [p for p in staged if p.name not in keep]
 
 
 def _record_in_onnx(model_path: Path, carried: Mapping[str, object], classes: Sequence[str] | None) -> None:
@@ -395,7 +416,7 @@ def apply_temperature(
 
     from calibrate_teacher.teachers._memory import fold_into_head, temperature_scaled
 
-    value = check_temperature(temperature)
+    value = validate_temperature(temperature)
     if not isinstance(module, torch.nn.Module):
         raise InvalidValueError(
             f"module: got {type(module).__name__}; apply_temperature takes an nn.Module (divide "

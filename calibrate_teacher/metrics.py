@@ -130,7 +130,7 @@ class CalibrationMetrics:
         """``overconfident`` or ``underconfident``: which side of the ECE dominates."""
         return "overconfident" if self.ece_over > self.ece_under else "underconfident"
 
-    def to_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (bins as a list of dicts, intervals as [low, high])."""
         data = asdict(self)
         data["bins"] = [asdict(b) for b in self.bins]

@@ -35,7 +35,7 @@ __all__ = [
     "write_json",
 ]
 
-REPORT_FORMAT_VERSION = 1
+REPORT_FORMAT_VERSION = 2
 _ROWS = (
     ("accuracy", "accuracy", True),
     ("confidence", "mean confidence", True),
@@ -61,7 +61,7 @@ def evaluation_document(evaluation: Evaluation) -> dict[str, object]:
         "source": evaluation.source.description,
         "notes": list(evaluation.source.notes),
         "temperature": evaluation.temperature,
-        "metrics": evaluation.metrics.to_dict(),
+        "metrics": evaluation.metrics.to_json(),
         "definitions": dict(DEFINITIONS),
     }
 
@@ -78,9 +78,9 @@ def fit_document(run: CalibrationRun) -> dict[str, object]:
         "source": run.source.description,
         "notes": list(run.notes),
     }
-    doc.update(run.fit.to_dict())
+    doc.update(run.fit.to_json())
     if run.baked is not None:
-        doc["baked"] = run.baked.to_dict()
+        doc["baked"] = run.baked.to_json()
     return doc
 
 
@@ -168,15 +168,15 @@ def fit_summary(fit: TemperatureFit) -> RenderableType:
         f"This teacher: ECE {fit.before.ece:.4f} at T = 1 -> {fit.after.ece:.4f} at T = "
         f"{fit.temperature:.4g}, where it is {fit.verdict} (over {fit.after.ece_over:.4f}, "
         f"under {fit.after.ece_under:.4f}); T is {_PAPER_POSITION[fit.paper_range]} the paper's "
-        f"range {PAPER_RANGE[0]:.1f}-{PAPER_RANGE[1]:.1f}.\n"
+        f"robust range {PAPER_RANGE[0]:.1f}-{PAPER_RANGE[1]:.1f}.\n"
     )
     # What the paper reported, as its finding: it is evidence about its teachers, not a
     # prediction for this one (docs/evidence.md tests it in miniature).
     lines.append(
         "The paper (Kim et al., arXiv 2508.20224) found on CIFAR-100 that teachers with lower "
-        f"ECE distilled into more accurate students; it scales teachers by T = {PAPER_DEFAULT_T:g} "
-        f"and found {PAPER_RANGE[0]:.1f}-{PAPER_RANGE[1]:.1f} robust. Whether this teacher's students "
-        "gain is not measured here (docs/evidence.md tests the claim in miniature).",
+        f"ECE distilled into more accurate students; its default is T = {PAPER_DEFAULT_T:g}. "
+        "Whether this teacher's students gain is not measured here "
+        "(docs/evidence.md tests the claim in miniature).",
         style="dim",
     )
     if fit.temperature < 1.0:

@@ -214,10 +214,14 @@ class DataSpec:
 
         if self.path is None:
             return as_source(self.source, classes=self.classes)  # type: ignore[arg-type]
+        from calibrate_teacher.teachers import find_model_preprocessing
+
         # An in-memory module has no sidecar beside it and knows its classes only once it runs.
+        model = None if teacher.format == "module" else teacher
+        # Only image folders are preprocessed: a broken sidecar must not fail an array file.
+        layers = find_model_preprocessing(model.path) if model is not None and self.path.is_dir() else ()
         return open_data(
-            self.path, preprocess=self.preprocess, overrides=self.overrides,
-            teacher=None if teacher.format == "module" else teacher, classes=self.classes,
-            skip_bad=self.skip_bad,
+            self.path, preprocess=self.preprocess, overrides=self.overrides, model_layers=layers,
+            teacher=model, classes=self.classes, skip_bad=self.skip_bad,
         )
 

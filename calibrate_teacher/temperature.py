@@ -26,7 +26,7 @@ Cost: a call pays for its search. ``nll`` costs about 3-4 passes over the logits
 the row-max shift, two Newton passes and the NLL at ``T``); the ECE-like searches add the grid and
 the refinement. The two full reports (each some 20-30 passes: ACE sorts every class column) and,
 for ``nll`` and ``fixed``, the sweep are computed when :attr:`TemperatureFit.before`,
-:attr:`~TemperatureFit.after` or :attr:`~TemperatureFit.sweep` is first read (``to_dict`` reads
+:attr:`~TemperatureFit.after` or :attr:`~TemperatureFit.sweep` is first read (``to_json`` reads
 all three), from the logits the fit was given; they are not copied, so read the reports before
 modifying those logits in place (a fit refuses to report on logits changed since).
 """
@@ -203,7 +203,7 @@ class TemperatureFit:
         lo, hi = PAPER_RANGE
         return "below" if self.temperature < lo else "above" if self.temperature > hi else "within"
 
-    def to_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         """The JSON report: temperature, objective, before, after, sweep, definitions..."""
         return {
             "temperature": self.temperature,
@@ -220,8 +220,8 @@ class TemperatureFit:
             "passes": self.passes,
             "bounds": list(self.bounds),
             "at_bound": self.at_bound,
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
             "sweep": [asdict(p) for p in self.sweep],
             "definitions": dict(DEFINITIONS),
         }

@@ -189,7 +189,7 @@ def main() -> None:
     pixels, _ = load_split(out / "train", raw)
     mean, std = round(float(pixels.mean()), 4), round(float(pixels.std()), 4)
     config = PreprocessConfig(input_size=INPUT_SIZE, crop_pct=CROP_PCT, mean=(mean,), std=(std,))
-    (out / "teacher.preprocess.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (out / "teacher.preprocess.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     x_train, y_train = load_split(out / "train", config)
     x_val, y_val = load_split(out / "val", config)
@@ -201,7 +201,7 @@ def main() -> None:
     sizes = {name: (out / name).stat().st_size for name in ARTIFACTS if (out / name).is_file()}
     print(json.dumps({
         "train_images": len(y_train), "val_images": len(y_val), "epochs": args.epochs,
-        "preprocess": config.to_dict(), "onnx_exporter": exporter,
+        "preprocess": config.to_json(), "onnx_exporter": exporter,
         "max_abs_diff_between_formats": max_diff, "file_bytes": sizes, **stats,
         "seconds": round(time.perf_counter() - start, 1),
     }, indent=2))  # fmt: skip

@@ -60,7 +60,7 @@ def test_contract_baked_equals_original_over_t(tmp_path, files, net, fmt):
     assert result.probe_shape == (baking.PROBE_ROWS, fx.IN_FEATURES)
     assert result.head == {"onnx": "logits", "safetensors": "head", "state_dict": "head"}.get(fmt)
     assert listing(tmp_path) == [out.name]  # no temp or staging leftovers
-    json.dumps(result.to_dict(), allow_nan=False)
+    json.dumps(result.to_json(), allow_nan=False)
     # Independent check: the reloaded file against the reference module, on other batch sizes.
     baked = load_teacher(out, device="cpu", arch=arch_for(fmt))
     assert baked.format == fmt

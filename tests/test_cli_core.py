@@ -185,7 +185,7 @@ def test_report_json_shape_is_pinned_by_a_golden_file(cli, logit_file):
     code, out, err = cli("fit", "--logits", logit_file, "--objective", "nll", "--json", "--bootstrap", "10")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == 2  # 2: notes, and temperature in evaluations (#9)
     assert doc.pop("source") == {"logits": str(logit_file), "num_samples": 400, "num_classes": 5}
     assert _shape(doc) == golden["fit"]
     code, out, err = cli("evaluate", "--logits", logit_file, "--json", "--bootstrap", "10")

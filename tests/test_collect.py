@@ -25,6 +25,7 @@ class ModuleTeacher:
 
     format = "torchscript"
     input_names = None  # one unnamed tensor
+    notes = ()
 
     def __init__(self, module, path, *, num_classes=4, input_spec=None, device="cpu"):
         self.module = module.to(device).eval()
@@ -319,7 +320,10 @@ def test_every_format_matches_preprocessing_plus_module(folder, teacher_files, f
     teacher = load_teacher(path, device="cpu", **kwargs)
     assert teacher.format == fmt
     assert teacher.num_classes == 5
-    source = open_data(folder, teacher=teacher, classes=["ant", "bee", "cow", "dog", "eel"])
+    from calibrate_teacher.teachers import find_model_preprocessing
+
+    layers = find_model_preprocessing(path)
+    source = open_data(folder, teacher=teacher, model_layers=layers, classes=["ant", "bee", "cow", "dog", "eel"])
     assert source.config == config  # the sidecar beside every format
     logit_set = collect_logits(teacher, source, batch_size=4, workers=workers)
     keys = sorted(str(p.relative_to(folder).as_posix()) for p in folder.rglob("*.*"))

@@ -90,7 +90,7 @@ def test_image_folder_order_keys_labels_and_pixels(tmp_path):
     torch.testing.assert_close(inputs, reference_inputs(tmp_path / "val", expected_keys, CONFIG))
     assert source.description["kind"] == "image_folder"
     assert source.description["num_samples"] == 8
-    assert source.description["preprocess"] == CONFIG.to_dict()
+    assert source.description["preprocess"] == CONFIG.to_json()
     assert source.description["preprocess_from"] == "the given config"
 
 
@@ -249,7 +249,10 @@ def test_teacher_input_shape_and_sidecar_are_used(tmp_path):
     assert source.config.input_size == (3, 6, 6)
     assert str(source.description["preprocess_from"]).startswith("input shape of t.onnx")
     (tmp_path / "t.preprocess.json").write_text(json.dumps({"input_size": [3, 6, 6], "mean": 0}))
-    source = open_data(tmp_path / "val", teacher=teacher, overrides={"crop_pct": 1.0})
+    from calibrate_teacher.teachers import find_model_preprocessing
+
+    layers = find_model_preprocessing(teacher.path)
+    source = open_data(tmp_path / "val", teacher=teacher, model_layers=layers, overrides={"crop_pct": 1.0})
     assert source.config.mean == (0.0, 0.0, 0.0)
     assert source.config.crop_pct == 1.0
     assert "t.preprocess.json beside the model" in str(source.description["preprocess_from"])

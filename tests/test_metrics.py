@@ -299,9 +299,9 @@ def test_bad_options(kwargs):
         calibration_metrics(torch.zeros(2, 2), torch.tensor([0, 1]), **kwargs)
 
 
-def test_to_dict_is_json_and_names_definitions():
+def test_to_json_is_json_and_names_definitions():
     m = calibration_metrics(*_random_logits(30, 3), bootstrap=10)
-    data = json.loads(json.dumps(m.to_dict(), allow_nan=False))
+    data = json.loads(json.dumps(m.to_json(), allow_nan=False))
     assert data["verdict"] in ("overconfident", "underconfident")
     assert len(data["bins"]) == 15 and set(data["confidence_intervals"]) == {"ece", "ace"}
     for key in ("ece", "ece_over", "ece_under", "mce", "adaece", "ace", "tace", "classwise_ece", "nll", "brier"):

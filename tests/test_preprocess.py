@@ -227,7 +227,7 @@ def test_from_dict_refuses_typos_and_missing_input_size():
     mean=st.floats(-1, 1),
     std=st.floats(0.01, 2),
 )
-def test_to_dict_from_dict_round_trip(
+def test_to_json_from_dict_round_trip(
     channels, h, w, interpolation, crop_pct, crop_mode, mean, std
 ):
     config = PreprocessConfig(
@@ -238,7 +238,7 @@ def test_to_dict_from_dict_round_trip(
         mean=(mean,),
         std=(std,),
     )
-    text = json.dumps(config.to_dict())
+    text = json.dumps(config.to_json())
     assert PreprocessConfig.from_dict(json.loads(text), source="round trip") == config
 
 
@@ -284,7 +284,7 @@ def test_sidecar_beats_input_shape(tmp_path, name):
 
 def test_complete_sidecar_gives_no_warning(tmp_path):
     full = PreprocessConfig(input_size=(3, 8, 8), mean=(0.5,), std=(0.5,))
-    (tmp_path / "m.preprocess.json").write_text(json.dumps(full.to_dict()))
+    (tmp_path / "m.preprocess.json").write_text(json.dumps(full.to_json()))
     resolved = resolve(tmp_path)
     assert resolved.config == full
     assert resolved.warnings == ()

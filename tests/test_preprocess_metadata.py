@@ -121,10 +121,9 @@ def timm_reference(image, *, size, crop_pct, interpolation, mean, std) -> np.nda
 def hf_reference(image, *, size, crop, resample, mean, std, shortest_edge=False) -> np.ndarray:
     """A Hugging Face image processor: resize, centre crop at floor(margin / 2), normalise."""
     w, h = image.size
+    new = (size, size)
     if shortest_edge:
         new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    else:
-        new = (size, size)
     image = image.resize(new, resample)
     if crop is not None:
         left, top = (new[0] - crop) // 2, (new[1] - crop) // 2
@@ -151,10 +150,12 @@ def images(tmp_path_factory):
         img[y : y + 6, x : x + 6, i % 3] = 255
     net = TinyImageNet().eval()
     pil = [Image.fromarray(p) for p in pixels]
-    reference = np.stack([
-        timm_reference(im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD)
-        for im in pil
-    ])
+    reference = np.stack(
+        [
+            timm_reference(im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD)
+            for im in pil
+        ]
+    )
     with torch.no_grad():
         predicted = net(torch.from_numpy(reference)).argmax(1).numpy()
     flip = rng.random(len(pil)) < 0.2
@@ -189,16 +190,30 @@ def reference_logits(net, images, preprocess) -> torch.Tensor:
 def test_timm_config_json_gives_the_accuracy_of_the_right_preprocessing(tmp_path, images, layout):
     root, pil, labels, net = images
     model = tiny_onnx(net, tmp_path / "model.onnx", fixed=False)
-    cfg = {"input_size": [3, SIZE, SIZE], "interpolation": "bicubic", "crop_pct": 0.8,
-           "crop_mode": "center", "mean": MEAN, "std": STD, "num_classes": CLASSES,
-           "first_conv": "conv", "classifier": "fc", "test_input_size": [3, 24, 24]}
+    cfg = {
+        "input_size": [3, SIZE, SIZE],
+        "interpolation": "bicubic",
+        "crop_pct": 0.8,
+        "crop_mode": "center",
+        "mean": MEAN,
+        "std": STD,
+        "num_classes": CLASSES,
+        "first_conv": "conv",
+        "classifier": "fc",
+        "test_input_size": [3, 24, 24],
+    }
     hub = {"architecture": "tiny", "num_classes": CLASSES, "num_features": 3}
     hub.update({"pretrained_cfg": cfg} if layout == "pretrained_cfg" else cfg)
     (tmp_path / "config.json").write_text(json.dumps(hub))
 
     logits, source = measure(model, root)
-    expected = reference_logits(net, pil, lambda im: timm_reference(
-        im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD))
+    expected = reference_logits(
+        net,
+        pil,
+        lambda im: timm_reference(
+            im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD
+        ),
+    )
     torch.testing.assert_close(logits.logits, expected, atol=1e-4, rtol=0)
     assert accuracy(logits.logits, labels) == accuracy(expected, labels) >= 0.75
     assert source.description["preprocess_from"] == f"{tmp_path / 'config.json'} (timm pretrained_cfg) beside the model"
@@ -206,31 +221,53 @@ def test_timm_config_json_gives_the_accuracy_of_the_right_preprocessing(tmp_path
 
 
 def test_timm_model_args_set_channels_and_fixed_size(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architecture": "vit_tiny", "model_args": {"in_chans": 1, "img_size": 32},
-        "pretrained_cfg": {"input_size": [3, 224, 224], "fixed_input_size": True, "mean": [0.5], "std": [0.5]},
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "vit_tiny",
+                "model_args": {"in_chans": 1, "img_size": 32},
+                "pretrained_cfg": {"input_size": [3, 224, 224], "fixed_input_size": True, "mean": [0.5]},
+            }
+        )
+    )
     (layer,) = find_model_preprocessing(tmp_path / "m.safetensors")[1:]
     assert layer.values["input_size"] == [1, 32, 32]
     assert layer.declared
 
 
 def test_timm_border_crop_mode_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architecture": "x", "pretrained_cfg": {"input_size": [3, 8, 8], "crop_mode": "border"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architecture": "x", "pretrained_cfg": {"input_size": [3, 8, 8], "crop_mode": "border"}})
+    )
     with pytest.raises(InputError, match=r"config.json: timm crop_mode 'border' cannot be reproduced"):
         find_model_preprocessing(tmp_path / "m.onnx")
 
 
 HF_VIT = {
-    "image_processor_type": "ViTImageProcessor", "do_resize": True,
-    "size": {"height": SIZE, "width": SIZE}, "resample": 3, "do_rescale": True,
-    "rescale_factor": 0.00392156862745098, "do_normalize": True, "image_mean": MEAN, "image_std": STD,
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": True,
+    "size": {"height": SIZE, "width": SIZE},
+    "resample": 3,
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "image_mean": MEAN,
+    "image_std": STD,
 }
-HF_DEIT = {**HF_VIT, "image_processor_type": "DeiTImageProcessor", "size": {"height": 20, "width": 20},
-           "resample": 2, "do_center_crop": True, "crop_size": {"height": SIZE, "width": SIZE}}
-HF_CONVNEXT = {**HF_VIT, "image_processor_type": "ConvNextImageProcessor",
-               "size": {"shortest_edge": SIZE}, "crop_pct": 0.8}
+HF_DEIT = {
+    **HF_VIT,
+    "image_processor_type": "DeiTImageProcessor",
+    "size": {"height": 20, "width": 20},
+    "resample": 2,
+    "do_center_crop": True,
+    "crop_size": {"height": SIZE, "width": SIZE},
+}
+HF_CONVNEXT = {
+    **HF_VIT,
+    "image_processor_type": "ConvNextImageProcessor",
+    "size": {"shortest_edge": SIZE},
+    "crop_pct": 0.8,
+}
 
 
 @pytest.mark.parametrize(
@@ -261,18 +298,34 @@ def test_hf_preprocessor_config_gives_the_accuracy_of_the_right_preprocessing(tm
 
 
 def test_hf_legacy_vit_feature_extractor_with_integer_size():
-    legacy = {"feature_extractor_type": "ViTFeatureExtractor", "do_resize": True, "size": 224,
-              "resample": 2, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    legacy = {
+        "feature_extractor_type": "ViTFeatureExtractor",
+        "do_resize": True,
+        "size": 224,
+        "resample": 2,
+        "do_normalize": True,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     assert hf_preprocess_values(legacy, source="p.json") == {
-        "crop_mode": "squash", "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": [0.5] * 3, "std": [0.5] * 3, "input_size": [3, 224, 224],
+        "crop_mode": "squash",
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "input_size": [3, 224, 224],
     }
 
 
 def test_hf_rescale_is_folded_into_mean_and_std():
     # (x - 127.5) / 127.5 on 0..255 pixels is (x / 255 - 0.5) / 0.5.
-    raw = {"image_processor_type": "ViTImageProcessor", "size": {"height": 8, "width": 8},
-           "do_rescale": False, "image_mean": [127.5] * 3, "image_std": [127.5] * 3}
+    raw = {
+        "image_processor_type": "ViTImageProcessor",
+        "size": {"height": 8, "width": 8},
+        "do_rescale": False,
+        "image_mean": [127.5] * 3,
+        "image_std": [127.5] * 3,
+    }
     values = hf_preprocess_values(raw, source="p.json")
     assert values["mean"] == pytest.approx([0.5] * 3) and values["std"] == pytest.approx([0.5] * 3)
     plain = {**raw, "do_normalize": False}
@@ -281,8 +334,9 @@ def test_hf_rescale_is_folded_into_mean_and_std():
 
 
 def test_hf_keys_left_out_are_reported_as_defaults(tmp_path):
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "ViTImageProcessor", "size": {"height": 8, "width": 8}}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "ViTImageProcessor", "size": {"height": 8, "width": 8}})
+    )
     from calibrate_teacher.data.preprocess import resolve_preprocess
 
     model = tmp_path / "m.onnx"
@@ -298,13 +352,17 @@ def test_hf_keys_left_out_are_reported_as_defaults(tmp_path):
         ({"do_pad": True}, "do_pad=true"),
         ({"size": {"shortest_edge": 16}}, "shortest_edge resize without a centre crop"),
         ({"do_center_crop": True, "crop_size": {"height": 8, "width": 12}}, "not the same fraction"),
-        ({"size": {"shortest_edge": 16}, "do_center_crop": True, "crop_size": {"height": 8, "width": 12}},
-         "non-square crop"),
+        (
+            {"size": {"shortest_edge": 16}, "do_center_crop": True, "crop_size": {"height": 8, "width": 12}},
+            "non-square crop",
+        ),
         ({"image_processor_type": "FancyImageProcessor", "size": 16}, "an integer size with FancyImageProcessor"),
         ({"crop_pct": 0.9}, "crop_pct with ViTImageProcessor"),
         ({"resample": 7}, "resample=7"),
-        ({"do_rescale": True, "rescale_factor": 0.5, "image_mean": None, "image_std": None},
-         "rescale_factor=0.5 without image_mean"),
+        (
+            {"do_rescale": True, "rescale_factor": 0.5, "image_mean": None, "image_std": None},
+            "rescale_factor=0.5 without image_mean",
+        ),
         ({"size": {"shortest_edge": 16, "longest_edge": 20}}, "size="),
     ],
 )
@@ -323,8 +381,13 @@ def test_onnx_metadata_gives_the_accuracy_of_the_right_preprocessing(tmp_path, i
     onnx.save(model, str(model_path))
 
     logits, source = measure(model_path, root)
-    expected = reference_logits(net, pil, lambda im: timm_reference(
-        im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD))
+    expected = reference_logits(
+        net,
+        pil,
+        lambda im: timm_reference(
+            im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD
+        ),
+    )
     torch.testing.assert_close(logits.logits, expected, atol=1e-4, rtol=0)
     assert accuracy(logits.logits, labels) == accuracy(expected, labels)
     assert source.description["preprocess_from"] == (
@@ -347,27 +410,39 @@ def test_nothing_beside_the_model_warns_and_measures_worse(tmp_path, images):
         "preprocessing: interpolation, crop_pct, crop_mode, mean, std from defaults (no sidecar or "
         "model metadata found beside model.onnx); write model.preprocess.json beside the model or pass --preprocess"
     )
-    right = reference_logits(net, pil, lambda im: timm_reference(
-        im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD))
+    right = reference_logits(
+        net,
+        pil,
+        lambda im: timm_reference(
+            im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD
+        ),
+    )
     assert accuracy(logits.logits, labels) < accuracy(right, labels)  # the preprocessing matters
 
 
 def test_declared_input_size_contradicting_the_model_or_sidecar_is_an_error(tmp_path, images):
     root, _, _, net = images
     model = tiny_onnx(net, tmp_path / "model.onnx", fixed=True)  # [batch, 3, 16, 16]
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"architecture": "tiny", "pretrained_cfg": {"input_size": [3, 20, 20]}}))
-    with pytest.raises(InputError, match=r"input shape does not fit model.onnx: expected \(3, 16, 16\) got \(3, 20, 20\)"):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architecture": "tiny", "pretrained_cfg": {"input_size": [3, 20, 20]}})
+    )
+    with pytest.raises(
+        InputError, match=r"input shape does not fit model.onnx: expected \(3, 16, 16\) got \(3, 20, 20\)"
+    ):
         measure(model, root)
     dynamic = tiny_onnx(net, tmp_path / "model.onnx", fixed=False)
     (tmp_path / "model.preprocess.json").write_text(json.dumps({"input_size": [3, 16, 16]}))
-    with pytest.raises(InputError, match=r"model.preprocess.json beside the model sets input_size \[3, 16, 16\] "
-                                         r"but .*config.json \(timm pretrained_cfg\) .* declares \[3, 20, 20\]"):
+    with pytest.raises(
+        InputError,
+        match=r"model.preprocess.json beside the model sets input_size \[3, 16, 16\] "
+        r"but .*config.json \(timm pretrained_cfg\) .* declares \[3, 20, 20\]",
+    ):
         measure(dynamic, root)
     # An explicit --input-size is the user's choice, reported as such.
     teacher = load_teacher(dynamic, device="cpu")
-    source = open_data(root, teacher=teacher, model_layers=find_model_preprocessing(dynamic),
-                       overrides={"input_size": (3, 16, 16)})
+    source = open_data(
+        root, teacher=teacher, model_layers=find_model_preprocessing(dynamic), overrides={"input_size": (3, 16, 16)}
+    )
     assert "overrides: input_size" in source.description["preprocess_from"]
 
 
@@ -415,7 +490,10 @@ def test_baked_torchscript_carries_the_sidecar_and_class_list(digits):
     result = bake_temperature(digits / "teacher.pt", 1.5, out, device="cpu", classes=[str(i) for i in range(10)])
     assert (out.parent / "teacher.calibrated.preprocess.json").is_file()
     assert (out.parent / "teacher.calibrated.classes.txt").read_text().split() == [str(i) for i in range(10)]
-    assert find_model_classes(out) == (tuple(str(i) for i in range(10)), f"{out.parent / 'teacher.calibrated.classes.txt'} beside the model")
+    assert find_model_classes(out) == (
+        tuple(str(i) for i in range(10)),
+        f"{out.parent / 'teacher.calibrated.classes.txt'} beside the model",
+    )
     original, _ = measure(digits / "teacher.pt", digits / "val")
     baked, _ = measure(result.path, digits / "val")
     torch.testing.assert_close(baked.logits, original.logits / 1.5, atol=1e-5, rtol=1e-5)
@@ -450,5 +528,5 @@ def test_bake_with_an_explicit_config(tmp_path, images):
     model = tiny_onnx(net, tmp_path / "model.onnx", fixed=True)
     config = PreprocessConfig(input_size=(3, SIZE, SIZE), interpolation="bicubic", mean=MEAN, std=STD)
     result = bake_temperature(model, 2.0, tmp_path / "b.onnx", device="cpu", preprocess=config)
-    assert json.loads((tmp_path / "b.preprocess.json").read_text()) == config.to_dict()
+    assert json.loads((tmp_path / "b.preprocess.json").read_text()) == config.to_json()
     assert tmp_path / "b.preprocess.json" in result.extra_files

@@ -122,7 +122,19 @@ def test_guard_failures_of_a_bounded_dimension_are_one_line(tmp_path):
         teacher.logits(torch.zeros(3, 3, 32, 32))
     text = one_line(exc)
     assert "does not run on inputs of shape (3, 3, 32, 32)" in text
-    assert "Dim.AUTO" in text
+    assert 'dynamic_shapes={"x": {0: Dim.AUTO, 2: Dim.AUTO}}' in text
+
+
+@pytest.mark.gpu
+def test_static_batch_pt2_on_cuda(tmp_path):
+    conv = fx.tiny_conv()
+    path = save_program(conv, tmp_path / "s.pt2", torch.zeros(2, 3, 8, 8))
+    teacher = load_teacher(path, device="cuda")
+    x = rows(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.logits(x.cuda()).cpu(), conv(x), atol=1e-4, rtol=0)
+    result = bake_temperature(path, T, tmp_path / "b.pt2", device="cuda")
+    assert result.max_abs_error <= result.tolerance
 
 
 def fixed_batch_onnx(net, batch):

@@ -158,7 +158,7 @@ def test_verdict_and_report_dict():
     logits, labels = _data(300, 5, 8, scale=6.0)  # noisy large logits: overconfident
     fit = fit_temperature(logits, labels, objective="fixed", temperature=1.0)
     assert fit.before.verdict == "overconfident"
-    doc = json.loads(json.dumps(fit.to_dict(), allow_nan=False))
+    doc = json.loads(json.dumps(fit.to_json(), allow_nan=False))
     assert {"temperature", "objective", "before", "after", "sweep", "definitions"} <= set(doc)
     for side in ("before", "after"):
         assert {"accuracy", "nll", "brier", "ece", "ece_over", "ece_under", "mce", "adaece", "ace", "tace",
@@ -252,7 +252,7 @@ def test_default_nll_fit_computes_no_report_and_no_sweep_until_read(monkeypatch)
     fit.after  # noqa: B018
     assert len(reports) == 1 and points == []
     assert len(fit.sweep) == 66 and len(points) == 66
-    fit.to_dict()
+    fit.to_json()
     assert len(reports) == 2 and len(points) == 66  # before added; nothing recomputed
 
 
@@ -290,7 +290,7 @@ def test_logits_are_validated_once_per_public_call(monkeypatch):
     checks = _count_calls(monkeypatch, temperature, "validate_logits")
     checks_m = _count_calls(monkeypatch, metrics, "validate_logits")
     logits, labels = _data(200, 5, 17)
-    fit_temperature(logits, labels, objective="ece", grid=8, bootstrap=5).to_dict()
+    fit_temperature(logits, labels, objective="ece", grid=8, bootstrap=5).to_json()
     assert len(checks) == 1 and checks_m == []
     calibration_metrics(logits, labels)
     assert len(checks_m) == 1

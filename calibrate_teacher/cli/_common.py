@@ -32,6 +32,11 @@ def print_notes(source: LogitSource) -> None:
     """Print what loading the teacher and data had to say, and the skipped samples, on stderr."""
     for line in source.notes:
         note(line)
+    data = source.description.get("data")
+    if isinstance(data, dict) and data.get("preprocess_from"):
+        note(f"preprocessing: {data['preprocess_from']}")
+        for line in data.get("preprocess_warnings") or ():
+            warn(str(line))
     if source.skipped:
         warn(
             f"skipped {len(source.skipped)} unreadable sample(s) or folder entries; they are listed "

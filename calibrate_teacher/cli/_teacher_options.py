@@ -10,7 +10,7 @@ ArchOpt = Annotated[
     str | None,
     typer.Option(
         "--arch",
-        help="For .safetensors (or state-dict .pt) weights: the architecture factory, as "
+        help="For weights-only files (.safetensors, or a state dict in .pt/.pth/.bin): the architecture factory, as "
         "pkg.module:factory or path/to/file.py:factory. Imports that code.",
     ),
 ]

@@ -78,7 +78,7 @@ def bake(
     for line in result.notes:
         note(line)
     if json_output:
-        print_json(result.to_dict())
+        print_json(result.to_json())
         return
     from rich.table import Table
     from rich.text import Text

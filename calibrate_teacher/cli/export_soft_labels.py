@@ -69,6 +69,13 @@ def export_soft_labels(
             help="Continue an interrupted export into --out (--no-resume: start it over).",
         ),
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --from-report: use its T even though the report was fitted for another teacher.",
+        ),
+    ] = False,
     json_output: o.JsonOpt = False,
     teacher_spec: TeacherSpec | None = None,
     data_spec: DataSpec | None = None,
@@ -116,7 +123,7 @@ def export_soft_labels(
     with progress_bar("soft labels", unit="rows") as advance:
         manifest = export_soft_labels(
             teacher_spec, data_spec, out_dir, temperature=calibration, top_k=top_k, shard_rows=shard_rows,
-            overwrite=overwrite, resume=resume, progress=advance if main_rank else None,
+            overwrite=overwrite, resume=resume, force=force, progress=advance if main_rank else None,
             notify=tell if main_rank else None,
         )
     if not main_rank:  # rank 0 speaks for the run
@@ -125,5 +132,5 @@ def export_soft_labels(
         print_json({"cache": str(out_dir), "manifest": manifest.to_json()})
         return
     out.print(cache_table(describe_cache(out_dir)))
-    if not notes:  # e.g. "already complete; nothing to do" was said instead
+    if not any("nothing to do" in line for line in notes):
         note(f"soft labels written to {out_dir} (values = logits / {manifest.temperature:g})")

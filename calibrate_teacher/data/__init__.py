@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from calibrate_teacher.data.arrays import ARRAY_SUFFIXES, ArraySource
 from calibrate_teacher.data.base import Batch, DataSource
+from calibrate_teacher.data.dataset import ImageFolderDataset
 from calibrate_teacher.data.images import IMAGE_SUFFIXES, ImageFolderSource, read_class_list
 from calibrate_teacher.data.iterable import IterableSource
 from calibrate_teacher.data.preprocess import ModelLayer, PreprocessConfig, ResolvedPreprocess, resolve_preprocess
@@ -35,6 +36,7 @@ __all__ = [
     "ArraySource",
     "Batch",
     "DataSource",
+    "ImageFolderDataset",
     "ImageFolderSource",
     "IterableSource",
     "PreprocessConfig",

@@ -415,7 +415,7 @@ class ImageFolderSource:
             "num_classes": len(names),
             "classes": list(names),
             "classes_from": origin,
-            "preprocess": config.to_dict(),
+            "preprocess": config.to_json(),
             "preprocess_from": config_origin,
             "ignored_files": scan.ignored,
         }

@@ -20,12 +20,16 @@ small, explicit config (the keys timm publishes with every pretrained model):
 :mod:`calibrate_teacher.data.transform` applies it to images (timm's evaluation transform,
 with Pillow and torch only).
 
-The config comes from, in order (the first found wins, then flags override single keys): an
-explicit file or :class:`PreprocessConfig`; a sidecar next to the model
-(``<model stem>.preprocess.json``, ``preprocess.json``, or a timm/Hugging Face ``config.json``
-holding ``pretrained_cfg``); and the teacher's input shape, which fills ``input_size`` where the
-file leaves it out. :func:`resolve_preprocess` returns the config and a line saying where it
-came from, so every report can state the preprocessing it used.
+The config is stacked from layers, lowest first, each setting the keys it gives: the teacher's
+input shape (``input_size``); the layers found beside the model (its metadata: a timm
+``config.json``, a Hugging Face ``preprocessor_config.json``, ONNX ``metadata_props``; then the
+sidecar ``<model stem>.preprocess.json`` / ``preprocess.json``), which the caller passes in as
+``model_layers`` (the lookup is
+:func:`calibrate_teacher.teachers._preprocessing.find_model_preprocessing`: ``data`` never
+imports ``teachers``); an explicit file or :class:`PreprocessConfig`; and the flags.
+:func:`resolve_preprocess` returns the config, a line saying where each key came from
+(``defaults`` for the keys no layer set) and a warning naming those keys and the fix, so every
+report states the preprocessing it used and none is guessed silently.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from calibrate_teacher.errors import CalibrateTeacherError, InputError, InvalidValueError
+from calibrate_teacher.errors import InputError, InvalidValueError
 
 if TYPE_CHECKING:
     from calibrate_teacher.teachers.base import InputSpec
@@ -103,7 +107,7 @@ class PreprocessConfig:
         std: Per-channel standard deviation the result is divided by.
 
     Example:
-        >>> PreprocessConfig(input_size=(1, 16, 16), mean=(0.5,), std=(0.25,)).to_dict()["mean"]
+        >>> PreprocessConfig(input_size=(1, 16, 16), mean=(0.5,), std=(0.25,)).to_json()["mean"]
         [0.5]
     """
 
@@ -155,7 +159,7 @@ class PreprocessConfig:
                 raise InvalidValueError(f"{name}: values must be finite (std > 0), got {values}")
             object.__setattr__(self, name, values)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, object]:
         """Return the config as a JSON-ready dict with timm's key names.
 
         Returns:
@@ -332,7 +336,7 @@ def resolve_preprocess(
         values.update(layer)
         _assign(origin, layer, label)
     if isinstance(preprocess, PreprocessConfig):
-        explicit, label = preprocess.to_dict(), "the given config"
+        explicit, label = preprocess.to_json(), "the given config"
     elif preprocess is not None:
         explicit, label = _read_file(Path(preprocess)), str(preprocess)
     else:
@@ -449,22 +453,6 @@ def _spec_input_size(spec: InputSpec | None) -> list[int] | None:
         return None
     return [int(d) for d in dims if d is not None]
 
-
-def sidecar_input_size(model_path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """Deprecated: use ``calibrate_teacher.teachers._preprocessing.sidecar_input_size``.
-
-    Kept only until ``teachers/_torch.py`` imports that one (teachers/ must not import data/);
-    it reads the old sidecar locations and is no part of :func:`resolve_preprocess`.
-    """
-    file = _find_sidecar(model_path)
-    if file is None:
-        return None
-    try:
-        size = _read_file(file).get("input_size")
-        dims = tuple(int(d) for d in _as_list(size, "input_size")) if size is not None else ()  # type: ignore[call-overload]
-    except (CalibrateTeacherError, TypeError, ValueError):
-        return None
-    return dims if len(dims) == 3 and all(d > 0 for d in dims) else None
 
 
 def _find_sidecar(model_path: str | os.PathLike[str] | None) -> Path | None:  # deprecated, see above

@@ -12,6 +12,7 @@ from calibrate_teacher.specs import DataSpec, TeacherSpec
 
 if TYPE_CHECKING:
     from calibrate_teacher.baking import BakeResult
+    from calibrate_teacher.data.preprocess import PreprocessConfig
     from calibrate_teacher.metrics import CalibrationMetrics
     from calibrate_teacher.teachers.base import Inputs
     from calibrate_teacher.temperature import Objective, TemperatureFit
@@ -183,10 +184,33 @@ def calibrate(
     if target is not None and spec is not None and file is not None:
         from calibrate_teacher.baking import bake_temperature
 
+        preprocess, classes = _measured_with(data, source)
         baked = bake_temperature(
             file, fit.temperature, target, overwrite=overwrite, device=spec.device,
             output=None if spec.output is None else str(spec.output), arch=spec.arch,
-            arch_kwargs=spec.arch_kwargs, head=spec.head,
+            arch_kwargs=spec.arch_kwargs, head=spec.head, preprocess=preprocess, classes=classes,
         )
     return CalibrationRun(source=source, fit=fit, baked=baked, notes=source.notes, probe=source.probe)
 
+
+def _measured_with(data: object, source: LogitSource) -> tuple[PreprocessConfig | None, list[str] | None]:
+    """What the baked teacher should carry: (preprocessing given explicitly, a listed class order).
+
+    The teacher's own sidecar and metadata travel by themselves; only preprocessing the user
+    gave for this run (``--preprocess`` or flags) is passed on, so a defaults warning stays true.
+    Sorted folder names come back by themselves; a class list (a file, ``--classes``) must travel.
+    """
+    described = source.description.get("data")
+    if not isinstance(described, dict):
+        return None, None
+    names = described.get("classes")
+    listed = described.get("classes_from") not in (None, "sorted subfolder names")
+    classes = [str(c) for c in names] if listed and isinstance(names, list) and names else None
+    spec = data if isinstance(data, DataSpec) else None
+    given = described.get("preprocess")
+    preprocess = None
+    if spec is not None and (spec.preprocess is not None or spec.overrides) and isinstance(given, dict):
+        from calibrate_teacher.data.preprocess import PreprocessConfig
+
+        preprocess = PreprocessConfig.from_dict(given, source="the calibration data")
+    return preprocess, classes

@@ -37,6 +37,7 @@ def export_soft_labels(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     overwrite: bool = False,
     resume: bool = True,
+    force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> CacheManifest:
@@ -61,6 +62,7 @@ def export_soft_labels(
         shard_rows: Rows per shard.
         overwrite: Replace a complete cache at ``out``.
         resume: Continue an unfinished export into ``out`` (False: start it over).
+        force: Use a T from a ``fit`` report made for another teacher anyway (with a warning).
         progress: Called with (rows just computed, rows this rank has to do) after each batch.
         notify: Called with one line for the user (e.g. "already complete; nothing to do").
 
@@ -72,7 +74,8 @@ def export_soft_labels(
             is false.
         CacheError: ``out`` holds an unfinished cache of another teacher, data, T or layout, or
             is being written by another export.
-        InputError: unreadable teacher or data files; ``out`` is a file.
+        InputError: unreadable teacher or data files; ``out`` is a file; ``temperature`` comes
+            from a ``fit`` report of another teacher and ``force`` is false.
         OutputError: ``out`` cannot be created or written, or a write failed (e.g. no space).
         TeacherError: the teacher fails to load or returns bad logits.
         InvalidValueError: bad options (T, top_k, shard_rows).
@@ -102,6 +105,15 @@ def export_soft_labels(
         source = data_spec.open(model)
         teacher_info = {"file": name, "sha256": teacher_sha, "format": model.format, **recorded}
         description = dict(source.description)
+        # A T fitted for another teacher (or for other preprocessing) is refused or flagged now,
+        # before the long run: the cache would hold soft labels calibrated for someone else.
+        preprocess = description.get("preprocess")
+        warnings = calibration.check_teacher(teacher_info, force=force) + calibration.check_preprocess(
+            preprocess if isinstance(preprocess, Mapping) else None
+        )
+        for line in warnings:
+            if notify is not None and context.is_main:
+                notify(line)
         manifest = plan_manifest(
             num_samples=len(source),
             num_classes=model.num_classes,

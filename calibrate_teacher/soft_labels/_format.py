@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from calibrate_teacher._version import tool_version
-from calibrate_teacher.errors import CacheError, InputError, InvalidValueError
+from calibrate_teacher.errors import CacheError, InputError
 from calibrate_teacher.soft_labels._validate import check_manifest_doc
 
 FORMAT = "calibrate-teacher.soft-labels"
@@ -83,11 +83,9 @@ class Calibration:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        import math
+        from calibrate_teacher._validate import validate_temperature
 
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-            raise InvalidValueError(f"temperature {t!r}: must be a finite number > 0 (e.g. 1.5)")
+        validate_temperature(self.temperature)
 
     @classmethod
     def from_report(
@@ -110,7 +108,7 @@ class Calibration:
             path: The report ``calibrate-teacher fit --report`` wrote.
             teacher: The teacher being exported: its manifest block (``sha256``, ``format``,
                 ``file``), or its file (then only the SHA-256 is compared).
-            preprocess: The preprocessing the export uses (``PreprocessConfig.to_dict()``, or the
+            preprocess: The preprocessing the export uses (``PreprocessConfig.to_json()``, or the
                 image source's ``description["preprocess"]``); None: not checked here (call
                 :meth:`check_preprocess` once the data is open, with None for array data).
             force: Accept a report made for another teacher (the mismatch becomes a warning).
@@ -238,7 +236,7 @@ class Calibration:
         deliberate change, e.g. another resize for the training split, stays possible).
 
         Args:
-            preprocess: The export's preprocessing (timm keys, ``PreprocessConfig.to_dict()``),
+            preprocess: The export's preprocessing (timm keys, ``PreprocessConfig.to_json()``),
                 or None where the export feeds stored arrays.
 
         Returns:

@@ -16,7 +16,7 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,23 @@ LOCK_NAME = ".export.lock"
 #: flock errors that mean "this file system cannot lock", not "someone holds the lock".
 _NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 GO, DONE, FAILED = 1, 2, 3
+
+
+def on_main_rank(context: DistributedContext, action: Callable[[], object], *, failed: str) -> None:
+    """Run ``action`` on rank 0 and tell every rank whether it worked.
+
+    Every rank calls this at the same point. Rank 0's own error propagates; the other ranks
+    raise a :class:`CacheError` with ``failed`` instead of waiting for a step that never comes.
+    """
+    if context.is_main:
+        try:
+            action()
+        except BaseException:
+            context.share(FAILED)
+            raise
+        context.share(GO)
+    elif context.share(0) == FAILED:
+        raise CacheError(f"{failed}; see its error")
 
 
 def os_error_fix(exc: OSError) -> str:
@@ -192,15 +209,7 @@ def claim_output(out: str | os.PathLike[str], *, context: DistributedContext) ->
         CacheError: another export holds ``out`` (the message names its pid).
     """
     claim = OutputClaim(Path(out), context)
-    if context.is_main:
-        try:
-            claim._acquire()
-        except BaseException:
-            context.share(FAILED)
-            raise
-        context.share(GO)
-    elif context.share(0) == FAILED:
-        raise CacheError(f"{claim.folder}: rank 0 could not claim this folder; see its error")
+    on_main_rank(context, claim._acquire, failed=f"{claim.folder}: rank 0 could not claim this folder")
     try:
         yield claim
     except BaseException:

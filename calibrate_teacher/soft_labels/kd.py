@@ -115,7 +115,9 @@ class SoftLabelDataset(_DatasetBase[Any], Generic[Item]):
     Args:
         base: Any dataset with ``len`` and ``[i]`` (a torch ``Dataset``, a list...).
         cache: A :class:`SoftLabelCache` or the path of one.
-        keys: The base dataset's sample keys in order, to check against the cache's keys.
+        keys: The base dataset's sample keys in order, to check against the cache's keys;
+            default: the base's own ``keys`` attribute where it has one (as
+            :class:`~calibrate_teacher.ImageFolderDataset` does), so the pairing is checked.
         check_labels: Compare integer labels of ``(input, label, ...)`` items with the cache's.
         verify: When ``cache`` is a path: check each shard's SHA-256 on first use (see
             :class:`SoftLabelCache`).
@@ -142,6 +144,9 @@ class SoftLabelDataset(_DatasetBase[Any], Generic[Item]):
                 f"{self.cache.path}: holds {len(self.cache)} rows but the dataset has {len(base)} "
                 "samples; export the cache from the same data, in the same order"
             )
+        if keys is None:
+            own = getattr(base, "keys", None)
+            keys = own if isinstance(own, Sequence) and not isinstance(own, str) else None
         if keys is not None:
             cached = self.cache.keys
             if len(keys) != len(cached):

@@ -38,7 +38,7 @@ from calibrate_teacher.soft_labels._format import (
     run_id,
     shard_name,
 )
-from calibrate_teacher.soft_labels._output import DONE, FAILED, GO, OutputClaim, claim_output
+from calibrate_teacher.soft_labels._output import DONE, FAILED, GO, OutputClaim, claim_output, on_main_rank
 from calibrate_teacher.soft_labels._shards import (
     BatchProducer,
     RowBatch,
@@ -276,15 +276,7 @@ def write_claimed(
             pending.result()
 
     ctx.barrier()
-    if ctx.is_main:
-        try:
-            _finish(folder, manifest)
-        except BaseException:
-            ctx.share(FAILED)
-            raise
-        ctx.share(GO)
-    elif ctx.share(0) == FAILED:
-        raise CacheError(f"{folder}: rank 0 could not finish the manifest; see its error")
+    on_main_rank(ctx, lambda: _finish(folder, manifest), failed=f"{folder}: rank 0 could not finish the manifest")
     return read_manifest(folder)
 
 

@@ -29,9 +29,21 @@ from types import ModuleType
 
 from calibrate_teacher.errors import InvalidValueError
 from calibrate_teacher.teachers._files import TEACHER_SUFFIXES, BackendTeacher, content_note, detect_format
+from calibrate_teacher.teachers._preprocessing import ModelLayer, find_model_classes, find_model_preprocessing
 from calibrate_teacher.teachers.base import Inputs, InputSpec, Teacher, TeacherFormat
 
-__all__ = ["TEACHER_SUFFIXES", "InputSpec", "Inputs", "Teacher", "TeacherFormat", "as_teacher", "load_teacher"]
+__all__ = [
+    "TEACHER_SUFFIXES",
+    "InputSpec",
+    "Inputs",
+    "ModelLayer",
+    "Teacher",
+    "TeacherFormat",
+    "as_teacher",
+    "find_model_classes",
+    "find_model_preprocessing",
+    "load_teacher",
+]
 
 
 def backend(fmt: TeacherFormat) -> ModuleType:

@@ -23,6 +23,7 @@ through a file object, which torch.export accepts silently whatever the name.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,9 +163,11 @@ def _guarded(module: torch.nn.Module, path: Path, spec: InputSpec) -> ModuleFn:
             text = " ".join(str(exc).split())
             if "Guard failed" not in text and "Expected input" not in text:
                 raise
+            # The guard names the dimensions it checks: x.size()[2] >= 4
+            dims = sorted({int(d) for d in re.findall(r"(?:size\(\)|shape)\[(\d+)\]", text)})
             raise TeacherError(
                 f"{path}: the program does not run on inputs of shape {tuple(x.shape)} "
-                f"({text[:160]}); re-export it with {dynamic_hint(spec, range(1, x.ndim))}"
+                f"({text[:160]}); re-export it with {dynamic_hint(spec, dims or range(1, x.ndim))}"
             ) from exc
 
     return run

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from calibrate_teacher.errors import InputError, InvalidValueError
+from calibrate_teacher.errors import InputError
 from calibrate_teacher.teachers.base import Teacher, TeacherFormat
 
 if TYPE_CHECKING:
@@ -114,6 +114,9 @@ class BackendTeacher(Teacher, Protocol):
     notes: list[str]
     #: The dtype name of the model's raw output (``float32``, ``float16``...).
     precision: str
+    #: The batch sizes the model runs on, (fewest, most or None) rows; None for any. Other
+    #: batches run in chunks of a size it takes (a static-batch ``.pt2`` or ONNX graph).
+    batch_rows: tuple[int, int | None] | None
 
     def _probe(self, batch_size: int) -> torch.Tensor:
         """A deterministic input batch the teacher accepts (random values, known shape)."""
@@ -122,16 +125,6 @@ class BackendTeacher(Teacher, Protocol):
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor | None:
         """The model's own softmax output when it ends in one, else None."""
         ...
-
-
-def check_temperature(temperature: float) -> float:
-    """Return ``temperature`` as a float, refusing NaN, infinities, zero and negatives."""
-    value = float(temperature)
-    if not (value > 0 and value != float("inf")):
-        raise InvalidValueError(
-            f"temperature {temperature!r}: must be a finite number > 0 (e.g. 1.5)"
-        )
-    return value
 
 
 def detect_format(path: str | os.PathLike[str], *, arch: str | None = None) -> TeacherFormat:
@@ -244,7 +237,7 @@ def _as_format(file: Path, content: Content, *, arch: str | None) -> TeacherForm
         return content
     if arch is None:
         raise InputError(
-            f"{file}: a PyTorch checkpoint (torch.save), not TorchScript; it is never unpickled: "
+            f"{file}: a PyTorch checkpoint (torch.save) holding weights, not code; it is never unpickled: "
             "pass --arch pkg.module:factory to read it as a state dict (weights_only), or save "
             "the teacher with torch.jit.save / torch.export / ONNX"
         )

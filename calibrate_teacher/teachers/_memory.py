@@ -35,7 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate_teacher.errors import InvalidValueError, TeacherError
-from calibrate_teacher.teachers._torch import Output, divide_logits, looks_like_probabilities, pick_logits
+from calibrate_teacher.teachers._torch import (
+    Output,
+    as_logits,
+    divide_logits,
+    looks_like_probabilities,
+    pick_logits,
+)
 from calibrate_teacher.teachers.base import Inputs, InputSpec, TeacherFormat, single_input
 
 if TYPE_CHECKING:
@@ -212,16 +218,10 @@ class MemoryTeacher:
             TeacherError: the output holds no ``[n, C]`` float logits, or looks like
                 probabilities.
         """
-        import torch
-
-        values = pick_logits(self.raw(batch), self.output, where=self.path)
-        if values.ndim != 2 or not values.is_floating_point():
-            raise TeacherError(
-                f"{self.path}: expected float logits of shape [n, C], the model returned "
-                f"{values.dtype} {tuple(values.shape)}; pick the logits with output="
-            )
-        if values.dtype in (torch.float16, torch.bfloat16):
-            values = values.float()
+        values = as_logits(
+            pick_logits(self.raw(batch), self.output, where=self.path), file=self.path,
+            fix="pick the logits with output=",
+        )
         if not hasattr(self, "num_classes"):
             if looks_like_probabilities(values):
                 raise TeacherError(

@@ -202,7 +202,10 @@ def _metadata_layers(model: Path) -> list[ModelLayer]:
             raise InputError(f"{origin}: expected a JSON object of preprocessing keys; re-bake the model")
         return [ModelLayer(values, origin, True)]
     hub = model.with_name("config.json")
-    data = _read_json(hub) if hub.is_file() else None
+    try:
+        data = _read_json(hub) if hub.is_file() else None
+    except InputError:
+        data = None  # many tools write a config.json; an unreadable one is not ours to judge
     if isinstance(data, dict) and _is_timm_config(data):
         values, defaults = _timm_values(data, hub)
         layers = [ModelLayer(values, f"{hub} (timm pretrained_cfg) beside the model", True)]

@@ -91,14 +91,14 @@ def looks_like_probabilities(values: torch.Tensor) -> bool:
     return bool((v >= 0).all()) and bool(((v.sum(dim=1) - 1).abs() <= 1e-3).all())
 
 
-def as_logits(values: torch.Tensor, *, file: Path) -> torch.Tensor:
+def as_logits(values: torch.Tensor, *, file: Path, fix: str = "pick another with --output") -> torch.Tensor:
     """Check a [n, C] float output and widen half precision to float32."""
     import torch
 
     if values.ndim != 2 or not values.is_floating_point():
         raise TeacherError(
             f"{file}: expected float logits of shape [n, C], the model returned "
-            f"{values.dtype} {tuple(values.shape)}; pick another with --output"
+            f"{values.dtype} {tuple(values.shape)}; {fix}"
         )
     if values.dtype in (torch.float16, torch.bfloat16):
         values = values.float()
@@ -324,7 +324,7 @@ def guess_sample(module: torch.nn.Module, run: ModuleFn, *, file: Path) -> torch
     """
     import torch
 
-    from calibrate_teacher.data.preprocess import sidecar_input_size
+    from calibrate_teacher.teachers._preprocessing import sidecar_input_size
 
     candidates: list[torch.Tensor] = []
     first = "none"
