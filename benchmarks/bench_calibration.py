@@ -22,8 +22,9 @@ import time
 import torch
 
 from calibrate_teacher._passes import ShiftedLogits
+from calibrate_teacher._search import _fit_nll, _search
 from calibrate_teacher.metrics import calibration_metrics
-from calibrate_teacher.temperature import _fit_nll, _grid, _point, _search, fit_temperature
+from calibrate_teacher.temperature import _grid, _point, fit_temperature
 
 
 def make_logits(n: int, c: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

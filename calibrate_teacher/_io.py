@@ -75,8 +75,9 @@ def atomic_output(
 ) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
-    The temporary name lives in the same folder, so the final rename is atomic on one file
-    system. On any exception the temporary file (or folder) is removed and ``path`` is untouched.
+    The checked front of :func:`replaced`: the output must be free (or ``overwrite``) and
+    writable, its folder is created, and a file-system refusal inside the block becomes one
+    :class:`OutputError` naming ``path``.
 
     Args:
         path: The final output path.
@@ -91,35 +92,49 @@ def atomic_output(
     """
     out = check_output(path, overwrite=overwrite, directory=directory)
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with replaced(out, directory=directory, max_mode=max_mode) as tmp:
+            yield tmp
+    except OSError as exc:
+        if exc.errno not in FILESYSTEM_ERRNOS:
+            raise
+        raise OutputError(
+            f"{out}: cannot be written ({exc.strerror}); nothing was written, "
+            "free space or choose another output path"
+        ) from exc
+
+
+@contextlib.contextmanager
+def replaced(path: Path, *, directory: bool = False, max_mode: int | None = None) -> Iterator[Path]:
+    """The one atomic write: a temporary name beside ``path``, fsync, then an atomic replace.
+
+    The temporary name lives in the same folder, so the final rename is atomic on one file
+    system, and ``os.replace`` never leaves a moment without ``path``: a kill at any point leaves
+    the old file or the new one (plus, at worst, a stray ``.NAME.*.tmp``). On any exception the
+    temporary file (or folder) is removed and ``path`` is untouched. Nothing is checked first:
+    callers that need ``overwrite`` or writability checks use :func:`atomic_output`.
+    """
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
     try:
-        try:
-            yield tmp
-        except OSError as exc:
-            if exc.errno not in FILESYSTEM_ERRNOS:
-                raise
-            raise OutputError(
-                f"{out}: cannot be written ({exc.strerror}); nothing was written, "
-                "free space or choose another output path"
-            ) from exc
+        yield tmp
         if not directory:
             fsync_file(tmp)
-            mode = _default_mode() & (0o777 if max_mode is None else max_mode)
-            os.chmod(tmp, mode)  # mkstemp makes 0600; outputs get the usual umask
-        if out.is_dir() and not out.is_symlink():
+            # mkstemp makes 0600; outputs get what a plain open() would, capped by max_mode
+            os.chmod(tmp, default_file_mode() & (0o777 if max_mode is None else max_mode))
+        if path.is_dir() and not path.is_symlink():
             # A folder cannot be replaced atomically: move the old one aside first, so that a
             # crash leaves either the old or the new one under a findable name, never neither.
-            aside = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, aside)
-            os.replace(tmp, out)
+            aside = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, aside)
+            os.replace(tmp, path)
             shutil.rmtree(aside, ignore_errors=True)
         else:
-            os.replace(tmp, out)  # atomic, also over an existing file
+            os.replace(tmp, path)  # atomic, also over an existing file
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -128,9 +143,20 @@ def atomic_output(
         raise
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
+def default_file_mode() -> int:
+    """What a plain ``open(path, "w")`` would give: 0o666 less the umask.
+
+    Read from ``/proc`` rather than with ``os.umask``, which sets the process-wide umask for a
+    moment and so races with writer threads.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            umask = next((int(line.split()[1], 8) for line in fh if line.startswith("Umask:")), None)
+    except OSError:
+        umask = None
+    if umask is None:  # no /proc (macOS): the two-call dance, once
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

@@ -155,14 +155,23 @@ def load_logits(path: str | os.PathLike[str], *, labels: str | os.PathLike[str] 
             logits, labs, keys = _read_npy(p, labels)
         else:
             logits, labs, keys = _read_pt(p)
-    except (InputError, InvalidValueError):
-        raise
-    except Exception as exc:  # a library's own parse error: name the file, keep the reason
+    except _read_errors() as exc:  # a library's own parse error: name the file, keep the reason
         raise InputError(f"{p}: cannot be read as {suffix} logits ({type(exc).__name__}: {exc})") from exc
     try:
         return LogitSet(logits=logits, labels=labs, keys=keys)
     except InvalidValueError as exc:
         raise InvalidValueError(f"{p}: {str(exc).removeprefix('logits: ')}") from exc
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What safetensors, numpy's loader, zipfile and torch.load raise for a damaged file."""
+    import json
+    import zipfile
+
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError, KeyError,
+            json.JSONDecodeError)
 
 
 def _read_safetensors(p: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...] | None]:
@@ -210,11 +219,14 @@ def _read_npy(
 
 def _read_pt(p: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...] | None]:
     import pickle
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol note; weights_only still decides
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(
             f"{p}: refused to unpickle: the file holds objects beyond plain tensors "

@@ -214,14 +214,20 @@ class DataSpec:
 
         if self.path is None:
             return as_source(self.source, classes=self.classes)  # type: ignore[arg-type]
-        from calibrate_teacher.teachers import find_model_preprocessing
+        from calibrate_teacher.teachers import find_model_classes, find_model_preprocessing
 
         # An in-memory module has no sidecar beside it and knows its classes only once it runs.
         model = None if teacher.format == "module" else teacher
+        folder = model is not None and self.path.is_dir()
         # Only image folders are preprocessed: a broken sidecar must not fail an array file.
-        layers = find_model_preprocessing(model.path) if model is not None and self.path.is_dir() else ()
+        layers = find_model_preprocessing(model.path) if folder and model is not None else ()
+        classes = self.classes
+        if classes is None and folder and model is not None and not (self.path / "classes.txt").is_file():
+            # The class order a (baked) teacher carries, as the original was measured with.
+            carried = find_model_classes(model.path)
+            classes = list(carried[0]) if carried is not None else None
         return open_data(
             self.path, preprocess=self.preprocess, overrides=self.overrides, model_layers=layers,
-            teacher=model, classes=self.classes, skip_bad=self.skip_bad,
+            teacher=model, classes=classes, skip_bad=self.skip_bad,
         )
 

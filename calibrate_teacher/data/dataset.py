@@ -23,13 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from calibrate_teacher.data.images import (
-    CLASS_LIST_FILE,
-    _check_class_names,
-    _open_regular,
-    _scan,
-    read_class_list,
-)
+from calibrate_teacher.data._walk import CLASS_LIST_FILE, _open_regular, _scan
+from calibrate_teacher.data.images import _check_class_names, read_class_list
 from calibrate_teacher.data.preprocess import PreprocessConfig, resolve_preprocess
 from calibrate_teacher.errors import InputError, InvalidValueError
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import cast
 
 from calibrate_teacher.errors import InvalidValueError
-from calibrate_teacher.soft_labels._format import MANIFEST_NAME, CacheManifest, Calibration, read_manifest
+from calibrate_teacher.soft_labels._calibration import Calibration
+from calibrate_teacher.soft_labels._format import MANIFEST_NAME, CacheManifest, read_manifest
 from calibrate_teacher.soft_labels._output import claim_output
 from calibrate_teacher.soft_labels._state import normalise_source, refusal
 from calibrate_teacher.soft_labels.writer import DEFAULT_SHARD_ROWS, choose_layout, plan_manifest, write_claimed

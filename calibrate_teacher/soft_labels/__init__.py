@@ -10,11 +10,11 @@ data) or :func:`write_soft_labels` (any stream of logit batches); read it with
 
 from __future__ import annotations
 
+from calibrate_teacher.soft_labels._calibration import Calibration
 from calibrate_teacher.soft_labels._format import (
     FORMAT_VERSION,
     CacheLayout,
     CacheManifest,
-    Calibration,
     ShardInfo,
     read_manifest,
 )

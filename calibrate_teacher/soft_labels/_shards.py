@@ -11,13 +11,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from calibrate_teacher._io import replaced
 from calibrate_teacher.errors import CacheError, InvalidValueError, OutputError
 from calibrate_teacher.soft_labels._format import FP16_MAX, CacheManifest, receipt_name, shard_name
 from calibrate_teacher.soft_labels._output import os_error_fix
@@ -80,23 +80,9 @@ def shard_rows_of(manifest: CacheManifest, shard: int) -> int:
 
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[BinaryIO]:
-    """Write ``path`` under a temporary name, fsync, then atomically replace it.
-
-    Unlike unlink-then-rename, ``os.replace`` never leaves a moment without ``path``: a kill at
-    any point leaves either the old file or the new one (plus, at worst, a stray temp file).
-    """
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, _file_mode())  # mkstemp's 0600 would hide the cache from other users
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``path`` atomically (:func:`calibrate_teacher._io.replaced`) through a binary handle."""
+    with replaced(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 @contextlib.contextmanager
@@ -113,16 +99,6 @@ def writing(path: Path) -> Iterator[None]:
             f"{where}: {exc.strerror or exc} while writing the cache; {os_error_fix(exc)}, then rerun "
             "the same command to resume"
         ) from exc
-
-
-def _file_mode() -> int:
-    """What a plain ``open(path, "w")`` would give: 0o666 less the umask (read without changing it)."""
-    try:
-        with open("/proc/self/status") as fh:
-            umask = next((int(line.split()[1], 8) for line in fh if line.startswith("Umask:")), 0o022)
-    except OSError:
-        umask = 0o022
-    return 0o666 & ~umask
 
 
 def fsync_dir(folder: Path) -> None:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from calibrate_teacher._distributed import DistributedContext
 from calibrate_teacher.errors import CacheError, InvalidValueError
+from calibrate_teacher.soft_labels._calibration import Calibration
 from calibrate_teacher.soft_labels._format import (
     KEYS_NAME,
     MANIFEST_NAME,
     CacheLayout,
     CacheManifest,
-    Calibration,
     ShardInfo,
     read_manifest,
     receipt_name,

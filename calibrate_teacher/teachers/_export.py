@@ -6,7 +6,7 @@ whose selected output is ``aten.softmax`` over the last dimension is read at the
 A program exported the default way (``torch.export.export(m, (x,))``, no ``dynamic_shapes``) runs
 on one batch size only; so does one whose batch dimension has bounds. ``batch_rows`` records what
 the program takes, and :meth:`ExportTeacher.logits` runs any batch in chunks it accepts (see
-:func:`~calibrate_teacher.teachers._torch.run_in_chunks`); the probe batch is made at a size the
+:func:`~calibrate_teacher.teachers._batching.run_in_chunks`); the probe batch is made at a size the
 program takes. An input whose *other* dimensions differ from the program's fixed sizes is refused
 with one line that names the ``dynamic_shapes=`` to re-export with, never the guard's traceback.
 
@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING
 
 from calibrate_teacher._device import resolve_device
 from calibrate_teacher.errors import BakeError, TeacherError
+from calibrate_teacher.teachers._batching import BatchRows, batch_note
 from calibrate_teacher.teachers._files import BakedFiles
 from calibrate_teacher.teachers._pt2_safety import audit_archive, check_graph, forced_weights_only
 from calibrate_teacher.teachers._torch import (
-    BatchRows,
     ModuleFn,
     ModuleTeacher,
-    batch_note,
     expand_sample,
     select_output,
 )

@@ -11,7 +11,7 @@ exceptions, which we turn into one-line :class:`TeacherError` messages.
 
 A graph whose batch dimension is a fixed number (exported without a dynamic batch, often 1) runs
 any batch in chunks of that size, the last one padded and its padding's outputs dropped
-(:func:`~calibrate_teacher.teachers._torch.run_in_chunks`); the baked model keeps that batch size.
+(:func:`~calibrate_teacher.teachers._batching.run_in_chunks`); the baked model keeps that batch size.
 An input whose other fixed dimensions differ is refused with one line before onnxruntime sees it.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from calibrate_teacher.errors import InputError, InvalidValueError, TeacherError
+from calibrate_teacher.teachers._batching import BatchRows, batch_note, check_input_shape, run_in_chunks
 from calibrate_teacher.teachers._files import SUPPORTED, BakedFiles
 from calibrate_teacher.teachers._onnx_graph import (
     FLOAT_TYPES,
@@ -37,14 +38,10 @@ from calibrate_teacher.teachers._onnx_graph import (
     value_shape,
 )
 from calibrate_teacher.teachers._torch import (
-    BatchRows,
     as_logits,
-    batch_note,
-    check_input_shape,
     expand_sample,
     looks_like_probabilities,
     refuse_probabilities,
-    run_in_chunks,
 )
 from calibrate_teacher.teachers.base import InputSpec, TeacherFormat
 

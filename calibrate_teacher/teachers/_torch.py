@@ -7,12 +7,9 @@ a tensor, a tuple/list (``--output 1`` picks an index) or a mapping (``--output 
 None); a mapping batch gives them its one entry (see
 :func:`~calibrate_teacher.teachers.base.single_input`).
 
-A model that runs only on some batch sizes (a torch.export program or ONNX graph exported with a
-static batch, or a dynamic one with bounds) gets ``batch_rows``: :func:`run_in_chunks` splits a
-batch into chunks it accepts, pads a short chunk by repeating its last row (zeros for an empty
-batch) and drops the padding's outputs, so the logits of every row are the model's own. A teacher
-that records its input shape (``input_spec``) refuses a batch whose fixed non-batch dimensions
-differ with one line (:func:`check_input_shape`) instead of the exporter's guard traceback.
+A model that runs only on some batch sizes gets ``batch_rows`` and runs in chunks, and a teacher
+that records its input shape refuses other shapes with one line: both are in
+:mod:`~calibrate_teacher.teachers._batching`.
 
 For in-memory models (:mod:`~calibrate_teacher.teachers._memory`), :func:`pick_logits` also reads
 an attribute (``ModelOutput.logits``) or an int index, and :func:`divide_logits` returns the
@@ -28,14 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from calibrate_teacher.errors import TeacherError
+from calibrate_teacher.teachers._batching import BatchRows, check_input_shape, run_in_chunks
 from calibrate_teacher.teachers.base import Inputs, InputSpec, TeacherFormat, single_input
 
 if TYPE_CHECKING:
     import torch
 
 ModuleFn = Callable[["torch.Tensor"], object]
-#: The batch sizes a model runs on: (fewest rows, most rows or None for no upper bound).
-BatchRows = tuple[int, int | None]
 #: Which entry of an in-memory model's output holds the logits: a key, an attribute, an index.
 Output = str | int | None
 _Where = tuple[Literal["self", "key", "index", "attr"], object]
@@ -204,100 +200,6 @@ class ModuleTeacher:
 
     def _probe(self, batch_size: int) -> torch.Tensor:
         return expand_sample(self._sample, batch_size)
-
-
-def run_in_chunks(
-    run: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    rows: BatchRows | None,
-    *,
-    file: Path,
-) -> torch.Tensor:
-    """``run(x)`` for a model that takes only ``rows`` = (fewest, most) rows per call.
-
-    The batch runs in chunks of at most ``most`` rows; a chunk short of ``fewest`` is padded by
-    repeating its last row (zeros for an empty batch) and the padding's outputs are dropped.
-
-    Raises:
-        TeacherError: an output whose first dimension is not the chunk's rows (the rows cannot
-            be told apart).
-    """
-    import torch
-
-    n = int(x.shape[0]) if x.ndim else 0
-    if rows is None or x.ndim == 0:
-        return run(x)
-    fewest, most = rows
-    if fewest <= n and (most is None or n <= most):
-        return run(x)
-    size = most if most is not None else max(n, fewest)
-    outputs: list[torch.Tensor] = []
-    for start in range(0, max(n, 1), size):
-        part = x[start : start + size]
-        kept = int(part.shape[0])
-        if kept < fewest:
-            filler = (
-                part[-1:].expand(fewest - kept, *part.shape[1:])
-                if kept
-                else x.new_zeros((fewest, *x.shape[1:]))
-            )
-            part = torch.cat([part, filler])
-        out = run(part)
-        if out.ndim == 0 or out.shape[0] != part.shape[0]:
-            raise TeacherError(
-                f"{file}: the model runs on batches of {_rows_text(rows)} rows, so batches run in "
-                f"chunks, but its output for {part.shape[0]} rows has shape {tuple(out.shape)}; "
-                "export it with a dynamic batch dimension"
-            )
-        outputs.append(out[:kept])
-    return torch.cat(outputs)
-
-
-def _rows_text(rows: BatchRows) -> str:
-    fewest, most = rows
-    if fewest == most:
-        return str(fewest)
-    return f"{fewest}..{most}" if most is not None else f"{fewest} or more"
-
-
-def batch_note(file: Path, rows: BatchRows | None, hint: str) -> list[str]:
-    """A note for a model whose batch size is fixed or bounded (it will run in chunks)."""
-    if rows is None:
-        return []
-    fewest, most = rows
-    if most is None and fewest <= 2:  # torch.export's default lower bound; nothing to say
-        return []
-    what = f"fixed at {fewest}" if fewest == most else f"limited to {_rows_text(rows)}"
-    return [
-        f"{file.name}: the batch size is {what}; batches run in chunks of that size (padded, "
-        f"padding dropped); {hint} to run them whole"
-    ]
-
-
-def check_input_shape(
-    x: torch.Tensor,
-    spec: InputSpec | None,
-    *,
-    file: Path,
-    fix: Callable[[Sequence[int]], str],
-) -> None:
-    """Refuse inputs whose rank or fixed non-batch dimensions differ from the recorded shape.
-
-    Raises:
-        TeacherError: naming the expected and given shapes and ``fix(dims)`` for the dims.
-    """
-    if spec is None or not spec.shape:
-        return
-    expected, got = spec.shape, tuple(int(d) for d in x.shape)
-    if len(got) != len(expected):
-        dims: list[int] = []
-    else:
-        dims = [i for i, (d, g) in enumerate(zip(expected, got, strict=True)) if i and d is not None and d != g]
-        if not dims:
-            return
-    want = ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(expected))
-    remedy = f"; resize the inputs, or {fix(dims)}" if dims else ""
-    raise TeacherError(f"{file}: the model takes inputs of shape ({want}), got {got}{remedy}")
 
 
 def expand_sample(sample: torch.Tensor, batch_size: int) -> torch.Tensor:
