@@ -18,13 +18,13 @@ Jobs also accept the bare path, module or loader and wrap it with the defaults
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from calibrate_teacher._device import check_device
 from calibrate_teacher.errors import InvalidValueError
 
 if TYPE_CHECKING:
@@ -37,27 +37,10 @@ __all__ = ["DataSpec", "Device", "TeacherSpec"]
 PathLike: TypeAlias = "str | os.PathLike[str]"
 #: Where a teacher runs: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
 Device: TypeAlias = str
-DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
 
 
 def _is_path(value: object) -> bool:
     return isinstance(value, str | os.PathLike)
-
-
-def check_device(device: str) -> str:
-    """Return ``device`` if it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Raises:
-        InvalidValueError: naming the value and the valid kinds.
-
-    >>> check_device("cuda:1")
-    'cuda:1'
-    """
-    import re
-
-    if not isinstance(device, str) or re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
-        raise InvalidValueError(f"device {device!r}: expected one of {', '.join(DEVICE_KINDS)}")
-    return device
 
 
 @dataclass(frozen=True)
@@ -130,21 +113,6 @@ class TeacherSpec:
                 "yourself (module.to(device)) or leave device='auto'"
             )
         return model
-
-    def describe(self) -> dict[str, object]:
-        """What the spec names, JSON-ready (for reports and manifests)."""
-        described: dict[str, object] = {
-            "path": str(self.path) if self.path is not None else None,
-            "object": None if self.path is not None else type(self.source).__name__,
-            "device": self.device,
-        }
-        for key in ("output", "arch", "head"):
-            if getattr(self, key) is not None:
-                described[key] = getattr(self, key)
-        if self.arch_kwargs is not None:
-            kwargs = self.arch_kwargs
-            described["arch_kwargs"] = json.loads(kwargs) if isinstance(kwargs, str) and kwargs.strip() else kwargs
-        return described
 
 
 @dataclass(frozen=True)

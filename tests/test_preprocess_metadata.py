@@ -150,12 +150,7 @@ def images(tmp_path_factory):
         img[y : y + 6, x : x + 6, i % 3] = 255
     net = TinyImageNet().eval()
     pil = [Image.fromarray(p) for p in pixels]
-    reference = np.stack(
-        [
-            timm_reference(im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD)
-            for im in pil
-        ]
-    )
+    reference = np.stack([right_preprocessing(im) for im in pil])
     with torch.no_grad():
         predicted = net(torch.from_numpy(reference)).argmax(1).numpy()
     flip = rng.random(len(pil)) < 0.2
@@ -183,6 +178,15 @@ def reference_logits(net, images, preprocess) -> torch.Tensor:
         return net(torch.from_numpy(np.stack([preprocess(im) for im in images])))
 
 
+def right_preprocessing(image):
+    """The preprocessing the test's teacher was made for: timm's, bicubic, crop_pct 0.8."""
+    return timm_reference(image, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD)
+
+
+def right_logits(net, images) -> torch.Tensor:
+    return reference_logits(net, images, right_preprocessing)
+
+
 # --- metadata the model carries ---------------------------------------------------------------
 
 
@@ -207,13 +211,7 @@ def test_timm_config_json_gives_the_accuracy_of_the_right_preprocessing(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(hub))
 
     logits, source = measure(model, root)
-    expected = reference_logits(
-        net,
-        pil,
-        lambda im: timm_reference(
-            im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD
-        ),
-    )
+    expected = right_logits(net, pil)
     torch.testing.assert_close(logits.logits, expected, atol=1e-4, rtol=0)
     assert accuracy(logits.logits, labels) == accuracy(expected, labels) >= 0.75
     assert source.description["preprocess_from"] == f"{tmp_path / 'config.json'} (timm pretrained_cfg) beside the model"
@@ -381,13 +379,7 @@ def test_onnx_metadata_gives_the_accuracy_of_the_right_preprocessing(tmp_path, i
     onnx.save(model, str(model_path))
 
     logits, source = measure(model_path, root)
-    expected = reference_logits(
-        net,
-        pil,
-        lambda im: timm_reference(
-            im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD
-        ),
-    )
+    expected = right_logits(net, pil)
     torch.testing.assert_close(logits.logits, expected, atol=1e-4, rtol=0)
     assert accuracy(logits.logits, labels) == accuracy(expected, labels)
     assert source.description["preprocess_from"] == (
@@ -410,13 +402,7 @@ def test_nothing_beside_the_model_warns_and_measures_worse(tmp_path, images):
         "preprocessing: interpolation, crop_pct, crop_mode, mean, std from defaults (no sidecar or "
         "model metadata found beside model.onnx); write model.preprocess.json beside the model or pass --preprocess"
     )
-    right = reference_logits(
-        net,
-        pil,
-        lambda im: timm_reference(
-            im, size=SIZE, crop_pct=0.8, interpolation=Image.Resampling.BICUBIC, mean=MEAN, std=STD
-        ),
-    )
+    right = right_logits(net, pil)
     assert accuracy(logits.logits, labels) < accuracy(right, labels)  # the preprocessing matters
 
 

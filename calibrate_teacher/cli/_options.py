@@ -27,11 +27,13 @@ NBinsOpt = Annotated[
     ),
 ]
 def _device(value: str) -> str:
-    import re
+    from calibrate_teacher._device import DEVICE_KINDS, check_device
+    from calibrate_teacher.errors import InvalidValueError
 
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
-        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
-    return value
+    try:
+        return check_device(value)
+    except InvalidValueError:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(DEVICE_KINDS)}") from None
 
 
 DeviceOpt = Annotated[

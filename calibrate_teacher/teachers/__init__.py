@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
+from calibrate_teacher._device import check_device
 from calibrate_teacher.errors import InvalidValueError
 from calibrate_teacher.teachers._files import TEACHER_SUFFIXES, BackendTeacher, content_note, detect_format
 from calibrate_teacher.teachers._preprocessing import ModelLayer, find_model_classes, find_model_preprocessing
@@ -70,8 +71,7 @@ def open_teacher(
     arch_kwargs: Mapping[str, object] | str | None = None,
 ) -> BackendTeacher:
     """:func:`load_teacher`, typed with the private methods ``baking`` relies on."""
-    if not isinstance(device, str) or not device:
-        raise InvalidValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    check_device(device)  # before the file is even opened
     file = Path(path)
     fmt = detect_format(file, arch=arch)
     teacher: BackendTeacher = backend(fmt).load(

@@ -17,13 +17,13 @@ An input whose other fixed dimensions differ is refused with one line before onn
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calibrate_teacher.errors import InputError, InvalidValueError, TeacherError
+from calibrate_teacher._device import check_device
+from calibrate_teacher.errors import InputError, TeacherError
 from calibrate_teacher.teachers._batching import BatchRows, batch_note, check_input_shape, run_in_chunks
 from calibrate_teacher.teachers._files import SUPPORTED, BakedFiles
 from calibrate_teacher.teachers._onnx_graph import (
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _DYNAMIC_SIZE = 32  # probe size for a dynamic non-batch dimension (e.g. image height)
 _DYNAMIC_BATCH = "re-export it with a dynamic batch (torch.onnx.export dynamic_shapes= or dynamic_axes=)"
 
@@ -210,8 +209,7 @@ def read_model(path: Path) -> onnx.ModelProto:
 def _providers(device: str, path: Path) -> list[Any]:
     import onnxruntime as ort
 
-    if not _DEVICE.match(device):
-        raise InvalidValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    check_device(device)
     available = ort.get_available_providers()
     if device == "cpu":
         return [_CPU]
