@@ -28,7 +28,8 @@ LogitsOpt = Annotated[
 ]
 SaveLogitsOpt = Annotated[
     Path | None,
-    typer.Option("--save-logits", help="Save the teacher's logits here (.safetensors) for later --logits runs.",
+    typer.Option("--save-logits",
+                 help="Save the teacher's logits here (.safetensors, .npz or .pt) for later --logits runs.",
                  dir_okay=False),
 ]
 PreprocessOpt = Annotated[
@@ -36,7 +37,9 @@ PreprocessOpt = Annotated[
     typer.Option(
         "--preprocess",
         help="Preprocessing as JSON with timm pretrained_cfg keys (input_size, interpolation, crop_pct, "
-        "crop_mode, mean, std). Default: <model>.preprocess.json or preprocess.json beside the model.",
+        "crop_mode, mean, std); its keys win over the model's. Default: <model>.preprocess.json or "
+        "preprocess.json beside the model, then the model's own metadata (timm config.json, Hugging Face "
+        "preprocessor_config.json, ONNX metadata), then defaults, with a warning naming the keys.",
         dir_okay=False,
     ),
 ]
