@@ -337,3 +337,30 @@ def test_ctrl_c_prints_the_line_and_exits_130(tmp_path, net):
     assert process.returncode == 130, err
     assert "Traceback" not in err
     assert "Interrupted. Completed outputs are kept; rerun the same command to resume." in err
+
+
+# --- array files never unpickle ---------------------------------------------------------------
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("what", ["data", "logits"])
+def test_npz_with_a_pickled_object_array_runs_nothing(tmp_path, cli, net, what):
+    marker = tmp_path / "MARKER"
+    evil = tmp_path / "evil.npz"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(marker)
+    np.savez(evil, inputs=payload, labels=np.zeros(1, np.int64), logits=payload)
+    model = fx.save_onnx(fx.onnx_model(net), tmp_path / "m.onnx")
+    args = ["evaluate", model, "--data", evil] if what == "data" else ["evaluate", "--logits", evil]
+    before = tree(tmp_path)
+    code, _, err = cli(*args)
+    one_line_error(code, err, names="evil.npz")
+    assert not marker.exists()
+    assert tree(tmp_path) == before
