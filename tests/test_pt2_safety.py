@@ -185,3 +185,11 @@ def test_clean_programs_still_load(tmp_path):
     teacher = ct.load_teacher(path, device="cpu")
     x = torch.randn(3, 3, 6, 6)
     torch.testing.assert_close(teacher.logits(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_archive_named_constants_still_loads(tmp_path):
+    # The archive's top folder is the file's stem; only data/constants/ inside it holds constants.
+    path = tmp_path / "constants.pt2"
+    _program(path)
+    teacher = ct.load_teacher(path, device="cpu")
+    assert teacher.num_classes == 3

@@ -117,14 +117,15 @@ def _audit(path: Path, archive: zipfile.ZipFile) -> None:
         if re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", inner):
             raise _refuse(path, f"{name} holds weights in the legacy pickled format")
         if re.fullmatch(r"data/(weights|constants)/[^/]+_config\.json", inner):
-            _audit_payloads(path, name, json.loads(archive.read(name)))
+            constants = inner.startswith("data/constants/")
+            _audit_payloads(path, name, json.loads(archive.read(name)), constants=constants)
         elif re.fullmatch(r"models/[^/]+\.json", inner):
             _audit_program(path, name, json.loads(archive.read(name)))
         elif re.fullmatch(r"data/sample_inputs/[^/]+\.pt", inner):
             _audit_sample_inputs(path, name, archive.read(name))
 
 
-def _audit_payloads(path: Path, name: str, config: object) -> None:
+def _audit_payloads(path: Path, name: str, config: object, *, constants: bool) -> None:
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise _refuse(path, f"{name} is not a payload config")
@@ -134,7 +135,7 @@ def _audit_payloads(path: Path, name: str, config: object) -> None:
         if meta.get("use_pickle"):
             raise _refuse(path, f"{name}: {key!r} is stored as a pickle (use_pickle)")
         payload = str(meta.get("path_name", ""))
-        if "constants" in name and not payload.startswith("tensor_"):
+        if constants and not payload.startswith("tensor_"):
             raise _refuse(path, f"{name}: {key!r} is a custom or opaque object ({payload})")
 
 
