@@ -77,6 +77,7 @@ _LAZY: dict[str, str] = {
     "export_soft_labels": "calibrate_teacher.jobs",
     "DataSpec": "calibrate_teacher.specs",
     "TeacherSpec": "calibrate_teacher.specs",
+    "TextOptions": "calibrate_teacher.specs",
 }
 
 __all__ = [
@@ -110,6 +111,7 @@ __all__ = [
     "TeacherError",
     "TeacherSpec",
     "TemperatureFit",
+    "TextOptions",
     "__version__",
     "adaptive_calibration_error",
     "apply_temperature",
@@ -169,7 +171,7 @@ if TYPE_CHECKING:
         verify_cache,
         write_soft_labels,
     )
-    from calibrate_teacher.specs import DataSpec, TeacherSpec
+    from calibrate_teacher.specs import DataSpec, TeacherSpec, TextOptions
     from calibrate_teacher.teachers import load_teacher
     from calibrate_teacher.teachers.base import InputSpec, Teacher
     from calibrate_teacher.temperature import SweepPoint, TemperatureFit, fit_temperature, sweep

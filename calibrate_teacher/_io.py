@@ -167,8 +167,18 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
 
 
 def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file, read in chunks."""
+    """Return the hex SHA-256 of a file, read in chunks.
+
+    A folder (a Hugging Face model directory) hashes as the SHA-256 of one line per regular file
+    below it, in sorted order: its relative path, a space, its SHA-256. Renaming, adding or
+    changing any file changes it.
+    """
     digest = hashlib.sha256()
+    if os.path.isdir(path):
+        root = Path(path)
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(root).as_posix()} {sha256_file(file)}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as fh:
         while block := fh.read(chunk_size):
             digest.update(block)

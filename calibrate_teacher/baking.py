@@ -8,11 +8,17 @@ Per format (details in each backend's docstring):
 * TorchScript: a scripted ``TemperatureScaled`` wrapper around the original module.
 * safetensors / ``.pt`` state dict + ``--arch``: 1/T folded into the final ``nn.Linear`` (weight
   and bias), keys, shapes and dtypes unchanged; safetensors metadata records T and the head.
+* Hugging Face model directory: a directory (``<name>-calibrated``), 1/T folded into the
+  classifier (or, for causal LMs, the LM head / final norm), written with ``save_pretrained``,
+  the other files carried, T in ``calibration.json`` and ``config.json``; reloaded with
+  ``from_pretrained`` for the probe check (see ``teachers/_hf_bake.py``).
 * torch.export: ``aten.div`` inserted after the logits node, re-exported with the same batch
   dimension (a dynamic batch stays dynamic, a static one static).
 
 Every bake is written into a staging folder beside the output, loaded back, and run on a probe
-batch next to the original: ``max |baked - original / T|`` must stay within the tolerance
+batch next to the original (a multi-input teacher's probe is named inputs, ideally the real
+validation batch: ``probe=``; the baked ONNX keeps every input name, the baked TorchScript and
+``.pt2`` every parameter name): ``max |baked - original / T|`` must stay within the tolerance
 (``1e-5 * max(1, max |original / T|)`` for float32/float64 models, ``1e-2 *`` that for
 float16 and ``5e-2 *`` for bfloat16), and for a softmax-terminated model so must the
 probabilities. Only then are the files renamed into place (companion files first, the model
@@ -90,7 +96,8 @@ class BakeResult:
         source: The teacher file baked.
         tolerance: The bound ``max_abs_error`` had to stay within.
         checked_probabilities: The model ends in a softmax and its probabilities were checked.
-        probe_shape: The shape of the probe batch.
+        probe_shape: The shape of the probe batch (a multi-input teacher: of its first input).
+        probe_inputs: The names of the probe's inputs, for a teacher fed by name; else empty.
         extra_files: Companion files written beside ``path`` (ONNX external data, the
             preprocessing sidecar, the class list).
         notes: Remarks from loading the teacher (provider fallback...), for stderr.
@@ -107,6 +114,7 @@ class BakeResult:
     tolerance: float
     checked_probabilities: bool = False
     probe_shape: tuple[int, ...] = ()
+    probe_inputs: tuple[str, ...] = ()
     extra_files: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
     sha256: str | None = None
@@ -123,6 +131,7 @@ class BakeResult:
             "source": str(self.source),
             "checked_probabilities": self.checked_probabilities,
             "probe_shape": list(self.probe_shape),
+            "probe_inputs": list(self.probe_inputs),
             "extra_files": [str(p) for p in self.extra_files],
             "notes": list(self.notes),
             "sha256": self.sha256,
@@ -132,13 +141,15 @@ class BakeResult:
 def default_baked_path(teacher_path: str | os.PathLike[str]) -> Path:
     """``<stem>.calibrated<suffix>`` next to the teacher (``<name>-calibrated`` without a suffix).
 
+    A directory (a Hugging Face model) is always ``<name>-calibrated``, dots in its name or not.
+
     >>> default_baked_path("models/resnet.onnx").as_posix()
     'models/resnet.calibrated.onnx'
     >>> default_baked_path("models/program").as_posix()
     'models/program-calibrated'
     """
     path = Path(teacher_path)
-    if not path.suffix:  # "program.calibrated" would read as a ".calibrated" file
+    if not path.suffix or path.is_dir():  # "program.calibrated" would read as a ".calibrated" file
         return path.with_name(f"{path.name}-calibrated")
     return path.with_name(f"{path.stem}.calibrated{path.suffix}")
 
@@ -154,9 +165,11 @@ def bake_temperature(
     arch: str | None = None,
     arch_kwargs: Mapping[str, object] | str | None = None,
     head: str | None = None,
-    probe: torch.Tensor | None = None,
+    probe: Inputs | None = None,
     preprocess: PreprocessConfig | None = None,
     classes: Sequence[str] | None = None,
+    input_map: Mapping[str, str] | None = None,
+    trust_remote_code: bool = False,
 ) -> BakeResult:
     """Write a copy of the teacher whose logits are divided by ``temperature``, verified.
 
@@ -171,12 +184,17 @@ def bake_temperature(
         arch_kwargs: Keyword arguments for ``arch`` (mapping or JSON object string).
         head: The ``nn.Linear`` to fold T into (safetensors / state dict only); default: the
             Linear the probe proves (the last one first, then the others from last to first).
-        probe: The input batch for the check; default: 4 deterministic random inputs shaped
-            as the teacher expects.
+        probe: The input batch for the check: a tensor, or named inputs (a mapping, as the
+            data's batches give them) for a multi-input teacher; pass the real validation
+            inputs. Default: 4 deterministic random inputs shaped as the teacher expects
+            (masks all ones).
         preprocess: The preprocessing the teacher was measured with, for the baked teacher to
             carry; default: what the teacher's own files give (nothing when they give none).
         classes: The class names the teacher was measured with, in output order; default:
             the class list the teacher carries (``<stem>.classes.txt``, ONNX metadata), if any.
+        input_map: ``{model_input: probe_field}`` for probe fields named otherwise (as given
+            to ``collect_logits``).
+        trust_remote_code: Hugging Face directories: allow the ``auto_map`` code in it.
 
     Returns:
         A :class:`BakeResult`.
@@ -192,6 +210,11 @@ def bake_temperature(
     value = validate_temperature(temperature)
     source, target = Path(teacher_path), Path(out)
     fmt = detect_format(source, arch=arch)
+    if fmt == "hf":  # a directory baked into a directory: see teachers/_hf_bake.py
+        return _bake_directory(
+            source, value, Path(out), overwrite=overwrite, device=device, head=head, probe=probe,
+            preprocess=preprocess, classes=classes, input_map=input_map, trust_remote_code=trust_remote_code,
+        )
     if head is not None and fmt not in _HEAD_FORMATS:
         raise InvalidValueError(
             f"--head {head!r}: only safetensors / state-dict teachers have a "
@@ -209,7 +232,7 @@ def bake_temperature(
     original = open_teacher(
         source, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
     )
-    batch = probe if probe is not None else original._probe(PROBE_ROWS)
+    batch = _probe_batch(original, probe, input_map)
     with contextlib.ExitStack() as stack:
         # A copy of a private teacher stays private: no more permission bits than the input.
         mode = source.stat().st_mode & 0o777
@@ -250,7 +273,8 @@ def bake_temperature(
         source=source,
         tolerance=tolerance,
         checked_probabilities=probabilities,
-        probe_shape=tuple(batch.shape),
+        probe_shape=_first_shape(batch),
+        probe_inputs=tuple(map(str, batch)) if isinstance(batch, Mapping) else (),
         extra_files=tuple(target.parent / f.name for f in extra),
         notes=tuple(original.notes),
         sha256=sha256_file(target),
@@ -320,10 +344,34 @@ def _record_in_onnx(model_path: Path, carried: Mapping[str, object], classes: Se
     onnx.save(model, str(model_path))
 
 
+def _probe_batch(
+    teacher: BackendTeacher, probe: Inputs | None, input_map: Mapping[str, str] | None
+) -> Inputs:
+    """The probe both teachers run on, as the original is fed; its own probe when none is given.
+
+    Fields are renamed per ``input_map``; a single-input teacher gets its one tensor, a
+    multi-input one its named inputs in its order (other fields dropped).
+    """
+    from calibrate_teacher.collect import feed_teacher
+
+    if probe is None:
+        return teacher._probe(PROBE_ROWS)
+    fed = feed_teacher(teacher, probe, input_map)
+    names = teacher.input_names
+    if isinstance(fed, Mapping) and names:  # the model's inputs, in its order; extras dropped
+        return {n: fed[n] for n in names if n in fed}
+    return fed
+
+
+def _first_shape(batch: Inputs) -> tuple[int, ...]:
+    first = next(iter(batch.values()), None) if isinstance(batch, Mapping) else batch
+    return tuple(first.shape) if first is not None else ()
+
+
 def _verify(
     original: BackendTeacher,
     baked: BackendTeacher,
-    batch: torch.Tensor,
+    batch: Inputs,
     temperature: float,
     head: str | None,
 ) -> tuple[float, float, bool]:
@@ -427,3 +475,44 @@ def apply_temperature(
         if fold is not None:
             return fold.module
     return temperature_scaled(module, value, output)
+
+
+def _bake_directory(
+    source: Path,
+    temperature: float,
+    target: Path,
+    *,
+    overwrite: bool,
+    device: str,
+    head: str | None,
+    probe: Inputs | None,
+    preprocess: PreprocessConfig | None,
+    classes: Sequence[str] | None,
+    input_map: Mapping[str, str] | None,
+    trust_remote_code: bool,
+) -> BakeResult:
+    """A Hugging Face model directory baked into a directory, as a :class:`BakeResult`."""
+    from calibrate_teacher.teachers._hf_bake import bake_directory
+    from calibrate_teacher.teachers._inputs import rename_fields
+
+    if probe is not None and input_map:
+        probe = rename_fields(probe, input_map, where=source)
+    baked = bake_directory(
+        source, temperature, target, overwrite=overwrite, device=device, head=head, probe=probe,
+        preprocess=preprocess.to_json() if preprocess is not None else None, classes=classes,
+        trust_remote_code=trust_remote_code,
+    )
+    return BakeResult(
+        path=baked.path,
+        format="hf",
+        temperature=temperature,
+        max_abs_error=baked.max_abs_error,
+        head=baked.head,
+        source=source,
+        tolerance=baked.tolerance,
+        probe_shape=baked.probe_shape,
+        probe_inputs=baked.probe_inputs,
+        extra_files=baked.extra_files,
+        notes=baked.notes,
+        sha256=None,  # a directory: its record is calibration.json inside it
+    )

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from calibrate_teacher.data.preprocess import PreprocessConfig
     from calibrate_teacher.teachers.base import Teacher
 
-__all__ = ["DataSpec", "Device", "TeacherSpec"]
+__all__ = ["DataSpec", "Device", "TeacherSpec", "TextOptions"]
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 #: Where a teacher runs: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -57,6 +57,10 @@ class TeacherSpec:
             (imported only when given).
         arch_kwargs: Keyword arguments for ``arch`` (a mapping, or a JSON object string).
         head: safetensors/state dict bakes: the ``nn.Linear`` to fold 1/T into.
+        trust_remote_code: Hugging Face directories: let the code the directory ships
+            (``auto_map``) run. Off by default: such a directory is refused.
+        inputs: Model input name -> batch field, for inputs whose names differ from the data's
+            fields (``{"input_ids": "ids"}``; the CLI's ``--input NAME=FIELD``).
     """
 
     source: object
@@ -65,6 +69,8 @@ class TeacherSpec:
     arch: str | None = None
     arch_kwargs: Mapping[str, object] | str | None = None
     head: str | None = None
+    trust_remote_code: bool = False
+    inputs: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.source is None:
@@ -103,7 +109,8 @@ class TeacherSpec:
         if self.path is not None:
             output = None if self.output is None else str(self.output)
             return load_teacher(
-                self.path, device=self.device, output=output, arch=self.arch, arch_kwargs=self.arch_kwargs
+                self.path, device=self.device, output=output, arch=self.arch, arch_kwargs=self.arch_kwargs,
+                trust_remote_code=self.trust_remote_code,
             )
         model = as_teacher(self.source, output=self.output)  # type: ignore[arg-type]
         device = self.device
@@ -113,6 +120,50 @@ class TeacherSpec:
                 "yourself (module.to(device)) or leave device='auto'"
             )
         return model
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How to read text data (``.jsonl``, ``.csv``, ``.parquet``, a ``save_to_disk`` dataset).
+
+    Attributes:
+        text_field: The field holding the text.
+        text_pair_field: The field holding the second text of a pair, if any.
+        label_field: The field holding the label: an integer id or a class name (mapped
+            through the teacher's ``label2id`` or the class list).
+        id_field: A field of unique sample ids used as keys (default: the row index).
+        tokenizer: The tokenizer directory (default: the teacher's, for a Hugging Face
+            directory).
+        max_length: Truncate to this many tokens (default: the tokenizer's
+            ``model_max_length``; the report says so).
+        sort_by_length: Batch texts of similar length together; results keep the data's order.
+        prompt_field: Language models: the prompt field of prompt/completion rows.
+        completion_field: Language models: the completion field.
+        messages_field: Language models: the chat messages field (rendered with the
+            tokenizer's chat template).
+        completion_only: Language models: score only completion tokens / assistant turns.
+    """
+
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    id_field: str | None = None
+    tokenizer: PathLike | None = None
+    max_length: int | None = None
+    sort_by_length: bool = False
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    completion_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1
+        ):
+            raise InvalidValueError(f"max_length {self.max_length!r}: must be an integer >= 1")
+        for name in ("text_field", "label_field", "prompt_field", "completion_field", "messages_field"):
+            if not getattr(self, name):
+                raise InvalidValueError(f"{name}: must name a field, got an empty string")
 
 
 @dataclass(frozen=True)
@@ -130,6 +181,8 @@ class DataSpec:
         skip_bad: Skip unreadable images (listed in the result) instead of failing.
         batch_size: Samples per teacher call (files; a loader brings its own batches).
         workers: Data-loading worker processes (0: in this process).
+        text: Text data: which fields to read and how to tokenise (default
+            :class:`TextOptions`).
     """
 
     source: object
@@ -139,6 +192,7 @@ class DataSpec:
     skip_bad: bool = False
     batch_size: int = 64
     workers: int = 0
+    text: TextOptions | None = None
 
     def __post_init__(self) -> None:
         if self.source is None:
@@ -176,12 +230,21 @@ class DataSpec:
         """The data folder or file, or None for an in-memory iterable."""
         return self.source if isinstance(self.source, Path) else None
 
-    def open(self, teacher: Teacher) -> DataSource:
-        """Open the data as a source of batches for ``teacher``."""
+    def open(self, teacher: Teacher, *, trust_remote_code: bool = False) -> DataSource:
+        """Open the data as a source of batches for ``teacher``.
+
+        Args:
+            teacher: The loaded teacher (its input shape, classes and, for text, tokenizer).
+            trust_remote_code: Text data: let a tokenizer that ships code load
+                (:attr:`TeacherSpec.trust_remote_code`).
+        """
         from calibrate_teacher.data import as_source, open_data
+        from calibrate_teacher.data._records import is_record_data
 
         if self.path is None:
             return as_source(self.source, classes=self.classes)  # type: ignore[arg-type]
+        if is_record_data(self.path):
+            return self._open_text(teacher, trust_remote_code=trust_remote_code)
         from calibrate_teacher.teachers import find_model_classes, find_model_preprocessing
 
         # An in-memory module has no sidecar beside it and knows its classes only once it runs.
@@ -199,3 +262,33 @@ class DataSpec:
             teacher=model, classes=classes, skip_bad=self.skip_bad,
         )
 
+    def _open_text(self, teacher: Teacher, *, trust_remote_code: bool) -> DataSource:
+        """Rows of text, tokenised with ``--tokenizer`` or the teacher directory's own tokenizer."""
+        from calibrate_teacher.data import read_class_list
+        from calibrate_teacher.data.text import open_text
+        from calibrate_teacher.teachers import find_model_classes
+
+        assert self.path is not None
+        text = self.text or TextOptions()
+        tokenizer = text.tokenizer
+        if tokenizer is None:
+            if not (teacher.format != "module" and teacher.path.is_dir()):
+                raise InvalidValueError(
+                    f"{self.path}: text data needs a tokenizer; {teacher.path.name} is not a Hugging Face "
+                    "directory with one, so give --tokenizer DIR (tokenizer=... in TextOptions)"
+                )
+            tokenizer = teacher.path
+        names: Sequence[str] | None
+        if self.classes is None:
+            carried = find_model_classes(teacher.path) if teacher.format != "module" else None
+            names, origin = (carried[0], carried[1]) if carried is not None else (None, "none")
+        elif isinstance(self.classes, str | os.PathLike):
+            names, origin = read_class_list(self.classes), str(self.classes)
+        else:
+            names, origin = tuple(self.classes), "the given class list"
+        return open_text(
+            self.path, tokenizer=tokenizer, text_field=text.text_field, text_pair_field=text.text_pair_field,
+            label_field=text.label_field, id_field=text.id_field, max_length=text.max_length,
+            class_names=names, class_names_origin=origin, sort_by_length=text.sort_by_length,
+            trust_remote_code=trust_remote_code,
+        )

@@ -352,6 +352,9 @@ def test_cli_passes_options_to_the_library(tmp_path, monkeypatch, capsys):
             "{}",
             "--device",
             "cpu",
+            "--input",
+            "x=pixels",
+            "--trust-remote-code",
         ],
         capsys,
     )
@@ -367,6 +370,8 @@ def test_cli_passes_options_to_the_library(tmp_path, monkeypatch, capsys):
         "arch": "m:f",
         "arch_kwargs": "{}",
         "head": "fc",
+        "input_map": {"x": "pixels"},
+        "trust_remote_code": True,
     }
 
 

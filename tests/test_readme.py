@@ -49,7 +49,7 @@ def test_readme_shows_the_commands_we_expect():
 @pytest.mark.slow
 def test_readme_commands_run_in_order_from_a_fresh_copy(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples",
-                    ignore=shutil.ignore_patterns("*.calibrated.*", "__pycache__"))
+                    ignore=shutil.ignore_patterns("*.calibrated.*", "*-calibrated", "__pycache__"))
     python = shlex.quote(sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "CALIBRATE_TEACHER_DEBUG"}
     for kind, step in readme_steps():

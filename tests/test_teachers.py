@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from calibrate_teacher.errors import InputError, InvalidValueError, TeacherError
 from calibrate_teacher.teachers import TEACHER_SUFFIXES, load_teacher
@@ -186,19 +186,6 @@ def test_notes_for_duplicate_onnxruntime_and_ignored_arch(files, monkeypatch):
     assert load_teacher(files["onnx"], device="cpu").notes == []
 
 
-def _two_input_onnx(path):
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["logits"])],
-        "two",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in "ab"],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", fx.OPSET)], ir_version=fx.IR_VERSION
-    )
-    return fx.save_onnx(model, path)
-
-
 def _bad_files(d, files):
     """name -> (path, kwargs, error type, message fragment)."""
     rng = np.random.default_rng(0)
@@ -273,7 +260,6 @@ def _bad_files(d, files):
             TeacherError,
             "head.weight: file (5, 16) vs model (3, 16)",
         ),
-        "two inputs": (_two_input_onnx(d / "two.onnx"), {}, TeacherError, "2 inputs (a, b)"),
         "bad device": (files["onnx"], {"device": "tpu"}, InvalidValueError, "cuda:N"),
     }
 

@@ -33,7 +33,7 @@ def print_notes(source: LogitSource) -> None:
     for line in source.notes:
         note(line)
     data = source.description.get("data")
-    if isinstance(data, dict) and data.get("preprocess_from"):
+    if isinstance(data, dict) and data.get("preprocess_from") and data.get("kind") != "text":
         note(f"preprocessing: {data['preprocess_from']}")
         for line in data.get("preprocess_warnings") or ():
             warn(str(line))

@@ -13,7 +13,8 @@ DataOpt = Annotated[
     Path | None,
     typer.Option(
         "--data",
-        help="Validation data to run TEACHER on: an image folder (val/<class>/<image>) or an "
+        help="Validation data to run TEACHER on: an image folder (val/<class>/<image>), text rows (.jsonl, .csv, "
+        ".parquet, a datasets save_to_disk folder), or an "
         ".npz/.safetensors/.npy file with 'inputs' and 'labels'.",
     ),
 ]

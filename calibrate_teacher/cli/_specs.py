@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar, get_args, get_type_hints
 from calibrate_teacher.cli import _data_options as do
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli import _teacher_options as to
+from calibrate_teacher.cli import _text_options as xo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,7 +83,7 @@ def _panel(kind: object, title: str) -> object:
     base, *extras = get_args(kind)
     panelled = []
     for extra in extras:
-        if hasattr(extra, "rich_help_panel"):
+        if hasattr(extra, "rich_help_panel") and extra.rich_help_panel is None:  # an option's own panel wins
             extra = copy.copy(extra)
             extra.rich_help_panel = title
         panelled.append(extra)
@@ -93,13 +94,29 @@ def _teacher_spec(own: dict[str, Any], values: dict[str, Any]) -> object:
     from calibrate_teacher.specs import TeacherSpec
 
     path: Path | None = own.get("teacher")
+    items = values.pop("inputs")
     if path is None:
         return None
-    return TeacherSpec(path, **values)
+    return TeacherSpec(path, inputs=_input_map(items), **values)
+
+
+def _input_map(items: list[str] | None) -> dict[str, str] | None:
+    """``--input NAME=FIELD`` items as a mapping (a malformed item is a usage error)."""
+    if not items:
+        return None
+    import typer
+
+    from calibrate_teacher.errors import InvalidValueError
+    from calibrate_teacher.teachers._inputs import parse_input_map
+
+    try:
+        return parse_input_map(items)
+    except InvalidValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--input") from None
 
 
 def _data_spec(own: dict[str, Any], values: dict[str, Any]) -> object:
-    from calibrate_teacher.specs import DataSpec
+    from calibrate_teacher.specs import DataSpec, TextOptions
 
     data: Path | None = values.pop("data")
     overrides = do.preprocess_overrides(
@@ -107,9 +124,17 @@ def _data_spec(own: dict[str, Any], values: dict[str, Any]) -> object:
         interpolation=values.pop("interpolation"), crop_pct=values.pop("crop_pct"),
         crop_mode=values.pop("crop_mode"),
     )
+    text = TextOptions(**{name: values.pop(name) for name in _TEXT_FIELDS})
     if data is None:
         return None
-    return DataSpec(data, overrides=overrides or None, **values)
+    return DataSpec(data, overrides=overrides or None, text=None if text == TextOptions() else text, **values)
+
+
+#: The text options, named as :class:`~calibrate_teacher.specs.TextOptions` fields.
+_TEXT_FIELDS = (
+    "text_field", "text_pair_field", "label_field", "id_field", "tokenizer", "max_length", "sort_by_length",
+    "completion_only",
+)
 
 
 def teacher_group(*, head: bool) -> OptionGroup:
@@ -119,6 +144,8 @@ def teacher_group(*, head: bool) -> OptionGroup:
         ("output", to.OutputNameOpt, None),
         ("arch", to.ArchOpt, None),
         ("arch_kwargs", to.ArchKwargsOpt, None),
+        ("trust_remote_code", xo.TrustRemoteCodeOpt, False),
+        ("inputs", xo.InputMapOpt, None),
     )
     if head:
         options = (*options, ("head", to.HeadOpt, None))
@@ -137,6 +164,14 @@ def data_group(*, data: object = do.DataOpt, required: bool = False, skip_bad: b
         ("crop_pct", do.CropPctOpt, None),
         ("crop_mode", do.CropModeOpt, None),
         ("classes", do.ClassesOpt, None),
+        ("text_field", xo.TextFieldOpt, "text"),
+        ("text_pair_field", xo.TextPairFieldOpt, None),
+        ("label_field", xo.LabelFieldOpt, "label"),
+        ("id_field", xo.IdFieldOpt, None),
+        ("tokenizer", xo.TokenizerOpt, None),
+        ("max_length", xo.MaxLengthOpt, None),
+        ("sort_by_length", xo.SortByLengthOpt, False),
+        ("completion_only", xo.CompletionOnlyOpt, False),
         ("batch_size", o.BatchSizeOpt, 64),
         ("workers", o.WorkersOpt, 0),
     )

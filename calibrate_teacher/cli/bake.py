@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from calibrate_teacher.cli import _detection
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._console import err, note, out, print_json
+from calibrate_teacher.cli._detection_options import DetectionArgs, detection_group
 from calibrate_teacher.cli._specs import teacher_group, with_options
 from calibrate_teacher.specs import TeacherSpec
 
@@ -22,13 +24,13 @@ TemperatureOpt = Annotated[
 ]
 
 
-@with_options(teacher_group(head=True))
+@with_options(teacher_group(head=True), detection_group(images=False, operating_point=False))
 def bake(
     teacher: Annotated[
         Path,
         typer.Argument(
-            help="Teacher model: .onnx, TorchScript .pt/.pth, .safetensors (with --arch), .pt2.",
-            dir_okay=False,
+            help="Teacher model: .onnx, TorchScript .pt/.pth, .safetensors (with --arch), .pt2, or a Hugging Face "
+            "model directory.",
         ),
     ],
     temperature: TemperatureOpt,
@@ -37,20 +39,22 @@ def bake(
         typer.Option(
             "--out",
             help="The baked teacher (default: <stem>.calibrated<suffix> beside "
-            "TEACHER); same suffix as TEACHER.",
-            dir_okay=False,
+            "TEACHER, same suffix; a Hugging Face directory: <dir>-calibrated).",
         ),
     ] = None,
     overwrite: o.OverwriteOpt = False,
     json_output: o.JsonOpt = False,
     teacher_spec: TeacherSpec | None = None,
+    detection: DetectionArgs | None = None,
 ) -> None:
     """Bake a temperature into TEACHER: the same format, with outputs = logits / T.
 
     ONNX: a Div by T on the logits, before any final softmax (names, opset and
     dynamic axes kept; external data copied). TorchScript: a scripted wrapper.
     torch.export: re-exported with the Div. safetensors (+ --arch): W/T and b/T
-    in the final Linear, T and the head recorded in the metadata.
+    in the final Linear, T and the head recorded in the metadata. A Hugging Face
+    directory: 1/T folded into its classifier, written with save_pretrained into
+    <dir>-calibrated with the tokenizer and other files copied, T in config.json.
 
     The baked file is checked on a probe batch (max |baked - original/T| within
     1e-5 relative for float32) before it is moved into place. A KD trainer that
@@ -61,7 +65,16 @@ def bake(
       calibrate-teacher bake teacher.onnx -t 2.1 --out teacher.t21.onnx --json
       calibrate-teacher bake weights.safetensors -t 1.5 --arch models.py:resnet18
       calibrate-teacher bake model.pt2 -t 1.8 --out calibrated.pt2 --overwrite
+      calibrate-teacher bake ./bert-teacher -t 1.5
+      calibrate-teacher bake yolov8n.onnx -t 1.8
+      calibrate-teacher bake faster_rcnn.safetensors -t 1.6 --arch my_teacher.py:teacher --detection-head softmax
     """
+    if _detection.routes(teacher_spec, None, detection):  # a detector: T on its class logits only
+        assert detection is not None
+        return _detection.bake(
+            teacher=teacher, teacher_spec=teacher_spec, detection=detection, temperature=temperature,
+            out_path=out_path, overwrite=overwrite, json_output=json_output,
+        )  # fmt: skip
     from rich.markup import escape
 
     from calibrate_teacher.baking import bake_temperature, default_baked_path
@@ -73,7 +86,8 @@ def bake(
         result = bake_temperature(
             teacher, temperature, target, overwrite=overwrite, device=spec.device,
             output=None if spec.output is None else str(spec.output), arch=spec.arch,
-            arch_kwargs=spec.arch_kwargs, head=spec.head,
+            arch_kwargs=spec.arch_kwargs, head=spec.head, input_map=spec.inputs,
+            trust_remote_code=spec.trust_remote_code,
         )
     for line in result.notes:
         note(line)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from calibrate_teacher.cli import _data_options as do
+from calibrate_teacher.cli import _detection
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._common import (
     precheck_outputs,
@@ -16,16 +17,20 @@ from calibrate_teacher.cli._common import (
     teacher_progress,
     write_outputs,
 )
+from calibrate_teacher.cli._detection_options import DetectionArgs, detection_group
 from calibrate_teacher.cli._specs import data_group, teacher_group, with_options
 from calibrate_teacher.specs import DataSpec, TeacherSpec
 
 TeacherArg = Annotated[
     Path | None,
-    typer.Argument(help="Teacher model (.onnx, TorchScript .pt, .safetensors with --arch, .pt2); needed with --data."),
+    typer.Argument(
+        help="Teacher model (.onnx, TorchScript .pt, .safetensors with --arch, .pt2, a Hugging Face model "
+        "directory); needed with --data."
+    ),
 ]
 
 
-@with_options(teacher_group(head=False), data_group())
+@with_options(teacher_group(head=False), data_group(), detection_group())
 def evaluate(
     teacher: TeacherArg = None,
     logits: do.LogitsOpt = None,
@@ -46,6 +51,7 @@ def evaluate(
     overwrite: o.OverwriteOpt = False,
     teacher_spec: TeacherSpec | None = None,
     data_spec: DataSpec | None = None,
+    detection: DetectionArgs | None = None,
 ) -> None:
     """Measure a teacher's calibration: accuracy, NLL, Brier, ECE (over/under), MCE, AdaECE, ACE, TACE, classwise ECE.
 
@@ -57,7 +63,15 @@ def evaluate(
       calibrate-teacher evaluate --logits val.safetensors
       calibrate-teacher evaluate --logits val.safetensors --n-bins 20 --json
       calibrate-teacher evaluate examples/digits/teacher.onnx --data examples/digits/val --diagram rel.png
+      calibrate-teacher evaluate examples/detection/detector.onnx --data examples/detection/coco
     """
+    if _detection.routes(teacher_spec, data_spec, detection):  # COCO data or a detector: D-ECE and mAP
+        assert detection is not None
+        return _detection.evaluate(
+            teacher_spec=teacher_spec, data_spec=data_spec, detection=detection, logits=logits,
+            temperature=temperature, n_bins=n_bins, json_output=json_output, report=report, diagram=diagram,
+            save_logits=save_logits, overwrite=overwrite,
+        )  # fmt: skip
     from calibrate_teacher.jobs import evaluate as run_evaluate
     from calibrate_teacher.report import evaluation_document, metrics_table, reliability_text
 

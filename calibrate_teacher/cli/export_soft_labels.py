@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from calibrate_teacher.cli import _detection
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._console import note, out, print_json
+from calibrate_teacher.cli._detection_options import DetectionArgs, detection_group
 from calibrate_teacher.cli._specs import data_group, teacher_group, with_options
 from calibrate_teacher.soft_labels.writer import DEFAULT_SHARD_ROWS
 from calibrate_teacher.specs import DataSpec, TeacherSpec
@@ -17,19 +19,23 @@ TrainDataOpt = Annotated[
     Path,
     typer.Option(
         "--data",
-        help="Training data: an image folder (train/<class>/<image>) or an "
+        help="Training data: an image folder (train/<class>/<image>), text rows (.jsonl, .csv, .parquet, a "
+        "datasets save_to_disk folder), or an "
         ".npz/.safetensors/.npy file with 'inputs' and 'labels'.",
     ),
 ]
 
 
-@with_options(teacher_group(head=False), data_group(data=TrainDataOpt, required=True, skip_bad=False))
+@with_options(
+    teacher_group(head=False), data_group(data=TrainDataOpt, required=True, skip_bad=False),
+    detection_group(operating_point=False, cache=True),
+)
 def export_soft_labels(
     teacher: Annotated[
         Path,
         typer.Argument(
-            help="Teacher model (.onnx, TorchScript .pt, .safetensors with --arch, .pt2).",
-            dir_okay=False,
+            help="Teacher model (.onnx, TorchScript .pt, .safetensors with --arch, .pt2, a Hugging Face model "
+            "directory).",
         ),
     ],
     out_dir: Annotated[
@@ -79,6 +85,7 @@ def export_soft_labels(
     json_output: o.JsonOpt = False,
     teacher_spec: TeacherSpec | None = None,
     data_spec: DataSpec | None = None,
+    detection: DetectionArgs | None = None,
 ) -> None:
     """Run TEACHER over --data once and store its calibrated soft labels (logits / T) in --out.
 
@@ -97,7 +104,16 @@ def export_soft_labels(
       calibrate-teacher export-soft-labels teacher.pt --data train.npz --out cache/ -t 2 --top-k 10
       torchrun --nproc-per-node 4 -m calibrate_teacher export-soft-labels teacher.onnx \
           --data train/ --out cache/ -t 1.5
+      calibrate-teacher export-soft-labels detector.onnx --data coco/annotations.json --images coco/images \
+          --out det-cache/ --from-report fit.json
     """
+    if _detection.routes(teacher_spec, data_spec, detection):  # COCO data: each image's top candidates, z / T
+        assert detection is not None
+        return _detection.export_soft_labels(
+            teacher_spec=teacher_spec, data_spec=data_spec, detection=detection, out_dir=out_dir,
+            temperature=temperature, from_report=from_report, top_k=top_k, shard_rows=shard_rows,
+            overwrite=overwrite, json_output=json_output,
+        )  # fmt: skip
     from calibrate_teacher._distributed import distributed_context
     from calibrate_teacher.cli._progress import progress_bar
     from calibrate_teacher.cli.inspect_cache import cache_table

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from calibrate_teacher.cli import _data_options as do
+from calibrate_teacher.cli import _detection
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._common import (
     precheck_outputs,
@@ -17,6 +18,7 @@ from calibrate_teacher.cli._common import (
     write_outputs,
 )
 from calibrate_teacher.cli._console import note
+from calibrate_teacher.cli._detection_options import DetectionArgs, detection_group
 from calibrate_teacher.cli._specs import data_group, teacher_group, with_options
 from calibrate_teacher.cli.evaluate import TeacherArg
 from calibrate_teacher.specs import DataSpec, TeacherSpec
@@ -25,7 +27,7 @@ from calibrate_teacher.specs import DataSpec, TeacherSpec
 SearchObjective = Literal["ece", "nll", "adaece", "ace", "paper"]
 
 
-@with_options(teacher_group(head=True), data_group())
+@with_options(teacher_group(head=True), data_group(), detection_group())
 def fit(
     teacher: TeacherArg = None,
     logits: do.LogitsOpt = None,
@@ -55,8 +57,8 @@ def fit(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Where the baked teacher goes (default: <stem>.calibrated<suffix> beside TEACHER).",
-                     dir_okay=False),
+        typer.Option("--out", help="Where the baked teacher goes (default: <stem>.calibrated<suffix> beside TEACHER; "
+                     "a Hugging Face directory: <dir>-calibrated)."),
     ] = None,
     no_bake: Annotated[bool, typer.Option("--no-bake", help="Fit and report only; write no baked teacher.")] = False,
     json_output: o.JsonOpt = False,
@@ -69,6 +71,7 @@ def fit(
     overwrite: o.OverwriteOpt = False,
     teacher_spec: TeacherSpec | None = None,
     data_spec: DataSpec | None = None,
+    detection: DetectionArgs | None = None,
 ) -> None:
     """Find the temperature T that calibrates the teacher, report before/after, and bake T into TEACHER.
 
@@ -83,7 +86,15 @@ def fit(
       calibrate-teacher fit teacher.onnx --logits val.safetensors --objective paper
       calibrate-teacher fit teacher.onnx --logits val.safetensors --temperature 1.5 --out teacher.t15.onnx
       calibrate-teacher fit teacher.onnx --data val/ --save-logits val.safetensors --report fit.json
+      calibrate-teacher fit examples/detection/detector.onnx --data examples/detection/coco --score-threshold 0.3
     """
+    if _detection.routes(teacher_spec, data_spec, detection):  # COCO data or a detector: T on the class logits
+        assert detection is not None
+        return _detection.fit(
+            teacher_spec=teacher_spec, data_spec=data_spec, detection=detection, logits=logits, objective=objective,
+            temperature=temperature, bounds=bounds, grid=grid, n_bins=n_bins, out_path=out, no_bake=no_bake,
+            json_output=json_output, report=report, diagram=diagram, save_logits=save_logits, overwrite=overwrite,
+        )  # fmt: skip
     from calibrate_teacher.jobs import calibrate
     from calibrate_teacher.report import fit_document, fit_summary, metrics_table, reliability_text, sweep_table
 

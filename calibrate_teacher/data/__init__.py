@@ -64,7 +64,8 @@ def open_data(
 
     Args:
         path: A folder in the ImageFolder layout, or a ``.npz`` / ``.safetensors`` / ``.npy``
-            file of preprocessed ``inputs`` and ``labels``.
+            file of preprocessed ``inputs`` and ``labels`` (or, without ``inputs``, one array
+            per named input: ``input_ids``, ``attention_mask``...; batches are then mappings).
         preprocess: Image folders only: a preprocess JSON file or a config; its keys win over
             ``model_layers`` and the teacher's input shape.
         overrides: Image folders only: single preprocessing keys that win (CLI flags); keys
@@ -130,7 +131,13 @@ def open_data(
         spec = teacher.input_spec if teacher is not None else None
         float_dtype = spec.dtype if spec is not None and spec.dtype in _FLOAT_DTYPES else None
         source = ArraySource(p, float_dtype=float_dtype, class_names=class_names)
-        if teacher is not None:
+        if teacher is not None and source.named:
+            # Named inputs: the teacher's input is checked against the field of its name (the
+            # teacher itself refuses a missing one, naming both, when it runs).
+            name = spec.name if spec is not None else None
+            if name is not None and name in source.input_shapes:
+                _check_shape(p, teacher, source.input_shapes[name], fix=f"store {name} as the model takes it")
+        elif teacher is not None:
             _check_shape(p, teacher, source.input_shape, fix="store inputs the model accepts")
             top = int(source.labels.max())
             if top >= teacher.num_classes:

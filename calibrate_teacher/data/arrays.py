@@ -1,10 +1,19 @@
 """Already-preprocessed inputs stored as arrays: ``.npz``, ``.safetensors`` or ``.npy``.
 
 Each file holds ``inputs`` ``[N, ...]`` (fed to the teacher as they are) and ``labels`` ``[N]``
-(integers; -1 marks a sample without a label):
+(integers; -1 marks a sample without a label), or, for pre-tokenised language-model data,
+``[N, S]`` token labels (-100 marks an unscored position).
 
-- ``.npz``: arrays ``inputs`` and ``labels``, optionally ``keys`` (strings). Read into memory
-  once per process (a zip member cannot be memory-mapped).
+Several named inputs: a ``.npz`` / ``.safetensors`` without an ``inputs`` array holds one array
+per input (``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``...), each
+``[N, ...]``: every array but ``labels`` and ``keys`` is an input, and batches are mappings of
+them, fed to a multi-input teacher by name (``description["input_fields"]`` lists them). A
+file with exactly one such array (say ``x``) is read as ``inputs`` is, one tensor per batch.
+
+- ``.npz``: arrays ``inputs`` and ``labels``, optionally ``keys`` (strings). Inputs stored
+  uncompressed (``np.savez``) are memory-mapped from inside the zip and read by slices, so
+  memory does not grow with N; compressed ones (``np.savez_compressed``) are read into memory
+  once per process (see :mod:`~calibrate_teacher.data._npz`).
 - ``.safetensors``: tensors ``inputs`` and ``labels``; the optional keys are a JSON list in the
   metadata entry ``keys``. Batches are read by slices, so memory does not grow with N.
 - ``.npy``: the file is ``inputs``, memory-mapped; the labels are ``X.labels.npy`` or
@@ -12,7 +21,8 @@ Each file holds ``inputs`` ``[N, ...]`` (fed to the teacher as they are) and ``l
 
 Without stored keys a sample's key is its index as text. Floating inputs are cast to the
 teacher's input dtype where it is known, and float64 to float32 otherwise; integer inputs
-(token ids) are left alone. :meth:`ArraySource.from_tensors` wraps tensors already in memory.
+(token ids) are left alone (a multi-input teacher casts each input to the dtype it declares).
+:meth:`ArraySource.from_tensors` wraps tensors already in memory.
 """
 
 from __future__ import annotations
@@ -21,10 +31,12 @@ import json
 import os
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from calibrate_teacher.data._loader import Chunk, iterate
+from calibrate_teacher.data._npz import member_header, open_member
 from calibrate_teacher.errors import InputError
 
 if TYPE_CHECKING:
@@ -50,6 +62,15 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+@dataclass(frozen=True)
+class _NamedChunk(Chunk):
+    # A chunk of named inputs: pinned tensor by tensor (the DataLoader calls pin_memory()).
+    def pin_memory(self) -> Chunk:
+        named: dict[str, torch.Tensor] = self.inputs  # type: ignore[assignment]  # named inputs
+        pinned = {k: v.pin_memory() for k, v in named.items()}
+        return _NamedChunk(pinned, self.labels, self.indices, self.bad)  # type: ignore[arg-type]
+
+
 class _ArrayReader:
     # Picklable: the open file handle / arrays are per process and rebuilt after unpickling.
     def __init__(
@@ -59,12 +80,16 @@ class _ArrayReader:
         labels: torch.Tensor,
         float_dtype: str | None,
         tensors: torch.Tensor | None = None,
+        fields: tuple[str, ...] = ("inputs",),
+        named: bool = False,
     ) -> None:
         self.path = path
         self.kind = kind
         self.labels = labels
         self.float_dtype = float_dtype
-        self._inputs: Any = tensors
+        self.fields = fields
+        self.named = named
+        self._inputs: dict[str, Any] | None = {fields[0]: tensors} if tensors is not None else None
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
@@ -72,17 +97,27 @@ class _ArrayReader:
             state["_inputs"] = None
         return state
 
-    def inputs(self) -> Any:
-        """The inputs array: numpy (memory-mapped for .npy), a safetensors slice, or a tensor."""
+    def inputs(self) -> dict[str, Any]:
+        """Each input array: numpy (memory-mapped for .npy and stored .npz), a safetensors slice, or a tensor."""
         if self._inputs is None:
-            self._inputs = _open_inputs(self.path, self.kind)
+            self._inputs = _open_inputs(self.path, self.kind, self.fields)
         return self._inputs
 
     def read(self, indices: list[int]) -> Chunk:
+        import torch
+
+        index = torch.tensor(indices, dtype=torch.int64)
+        arrays = self.inputs()
+        if not self.named:
+            inputs = self._rows(arrays[self.fields[0]], indices)
+            return Chunk(inputs=inputs, labels=self.labels[index], indices=index, bad=())
+        named = {name: self._rows(arrays[name], indices) for name in self.fields}
+        return _NamedChunk(inputs=named, labels=self.labels[index], indices=index, bad=())  # type: ignore[arg-type]
+
+    def _rows(self, source: Any, indices: list[int]) -> torch.Tensor:
         import numpy as np
         import torch
 
-        source = self.inputs()
         parts = []
         for a, b in _runs(indices):
             part = source[a:b]
@@ -96,22 +131,21 @@ class _ArrayReader:
             inputs = inputs.contiguous()
         if self.float_dtype is not None and inputs.is_floating_point():
             inputs = inputs.to(getattr(torch, self.float_dtype))
-        index = torch.tensor(indices, dtype=torch.int64)
-        return Chunk(inputs=inputs, labels=self.labels[index], indices=index, bad=())
+        return inputs
 
 
-def _open_inputs(path: Path | None, kind: str) -> Any:
+def _open_inputs(path: Path | None, kind: str, fields: tuple[str, ...]) -> dict[str, Any]:
     import numpy as np
 
     assert path is not None  # only in-memory readers have no path, and they hold their tensors
     if kind == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    if kind == ".npz":
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
-            return data["inputs"]
+        return {fields[0]: np.load(path, mmap_mode="r", allow_pickle=False)}
+    if kind == ".npz":  # memory-mapped where stored uncompressed (np.savez), else read whole
+        return {name: open_member(path, name) for name in fields}
     from safetensors import safe_open
 
-    return safe_open(str(path), framework="pt").get_slice("inputs")  # type: ignore[no-untyped-call]
+    handle = safe_open(str(path), framework="pt")
+    return {name: handle.get_slice(name) for name in fields}  # type: ignore[no-untyped-call]
 
 
 class ArraySource:
@@ -121,10 +155,15 @@ class ArraySource:
         path: The file.
         num_classes: The number of classes, where a class list or teacher says; else None.
         class_names: Class names in label order, where given; else None.
-        input_shape: The shape of one sample.
-        dtype: The inputs' element type as stored (e.g. ``"float32"``).
+        input_shape: The shape of one sample (several named inputs: of the first).
+        dtype: The inputs' element type as stored (e.g. ``"float32"``; of the first input).
+        input_fields: The arrays that hold inputs (``("inputs",)`` for one).
+        named: True when batches are mappings of several named inputs.
+        input_shapes: Each input's per-sample shape, by field.
+        input_dtypes: Each input's stored dtype, by field.
         description: What the source is, for reports (kind, path, num_samples, input shape,
-            dtype, classes).
+            dtype, classes, and for several inputs ``input_fields``, ``input_shapes``,
+            ``input_dtypes``).
         skipped: Always empty (arrays have no undecodable samples); kept for symmetry.
     """
 
@@ -163,14 +202,14 @@ class ArraySource:
 
             errors += (SafetensorError,)
         try:
-            shape, dtype, labels, keys = _read_header(p, kind)
+            header = _read_header(p, kind)
         except InputError:
             raise
         except errors as exc:
             raise InputError(
                 f"{p}: cannot be read as {kind} arrays ({type(exc).__name__}: {exc})"
             ) from exc
-        self._setup(p, kind, shape, dtype, labels, keys, float_dtype, class_names, None)
+        self._setup(p, kind, header, float_dtype, class_names, None)
 
     @classmethod
     def from_tensors(
@@ -189,46 +228,59 @@ class ArraySource:
         """
         self = cls.__new__(cls)
         dtype = str(inputs.dtype).removeprefix("torch.")
-        self._setup(
-            Path(name),
-            "memory",
-            tuple(inputs.shape),
-            dtype,
-            labels,
-            tuple(keys) if keys is not None else None,
-            None,
-            class_names,
-            inputs,
+        header = _Header(
+            fields=("inputs",),
+            shapes={"inputs": tuple(inputs.shape)},
+            dtypes={"inputs": dtype},
+            labels=labels,
+            keys=tuple(keys) if keys is not None else None,
         )
+        self._setup(Path(name), "memory", header, None, class_names, inputs)
         return self
 
     def _setup(
         self,
         path: Path,
         kind: str,
-        shape: tuple[int, ...],
-        dtype: str,
-        labels: torch.Tensor,
-        keys: tuple[str, ...] | None,
+        header: _Header,
         float_dtype: str | None,
         class_names: Sequence[str] | None,
         tensors: torch.Tensor | None,
     ) -> None:
         import torch
 
-        if len(shape) < 2:
-            raise InputError(
-                f"{path}: inputs must be [N, ...] with one row per sample, got {shape}"
-            )
+        fields, labels, keys = header.fields, header.labels, header.keys
+        shape, dtype = header.shapes[fields[0]], header.dtypes[fields[0]]
+        for field in fields:
+            got = header.shapes[field]
+            what = "inputs" if field == "inputs" else f"input {field!r}"
+            if len(got) < 2:
+                raise InputError(
+                    f"{path}: {what} must be [N, ...] with one row per sample, got {got}"
+                )
+            if got[0] != shape[0]:
+                raise InputError(
+                    f"{path}: {what} has {got[0]} rows but {fields[0]!r} has {shape[0]}; "
+                    "every input needs one row per sample"
+                )
         n = shape[0]
-        if labels.ndim != 1 or labels.shape[0] != n:
+        # [N] class labels, or [N, S] token labels (pre-tokenised language-model data).
+        if labels.ndim not in (1, 2) or labels.shape[0] != n:
             raise InputError(
-                f"{path}: labels must have shape [{n}] to match inputs, got {tuple(labels.shape)}"
+                f"{path}: labels must have shape [{n}] (or [{n}, S] for token labels) to match "
+                f"inputs, got {tuple(labels.shape)}"
             )
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise InputError(f"{path}: labels must be integers, got {labels.dtype}")
         labels = labels.to(torch.int64)
-        if n and int(labels.min()) < -1:
+        if labels.ndim == 2:
+            bad = labels[(labels < 0) & (labels != -100)] if labels.numel() else labels
+            if bad.numel():
+                raise InputError(
+                    f"{path}: token labels must be token or class indices (or -100 for an "
+                    f"unscored position), found {int(bad.min())}"
+                )
+        elif n and int(labels.min()) < -1:
             raise InputError(
                 f"{path}: labels must be class indices (or -1 for none), found {int(labels.min())}"
             )
@@ -245,11 +297,16 @@ class ArraySource:
         self.num_classes: int | None = len(self.class_names) if self.class_names else None
         self.input_shape = tuple(shape[1:])
         self.dtype = dtype
+        self.input_fields = fields
+        self.named = header.named
+        self.input_shapes = {f: tuple(header.shapes[f][1:]) for f in fields}
+        self.input_dtypes = {f: header.dtypes[f] for f in fields}
         self.labels = labels
         self.skipped: list[tuple[str, str]] = []
         self._keys = keys
         self._reader = _ArrayReader(
-            path if kind != "memory" else None, kind, labels, float_dtype, tensors
+            path if kind != "memory" else None, kind, labels, float_dtype, tensors,
+            fields=fields, named=header.named,
         )
         self.description: dict[str, object] = {
             "kind": "arrays",
@@ -262,6 +319,10 @@ class ArraySource:
             "preprocess": None,
             "preprocess_from": "none: array inputs are fed as stored",
         }
+        if header.named:
+            self.description["input_fields"] = list(fields)
+            self.description["input_shapes"] = {f: list(v) for f, v in self.input_shapes.items()}
+            self.description["input_dtypes"] = dict(self.input_dtypes)
 
     def __len__(self) -> int:
         """Return N."""
@@ -300,9 +361,18 @@ class ArraySource:
         )
 
 
-def _read_header(
-    p: Path, kind: str
-) -> tuple[tuple[int, ...], str, torch.Tensor, tuple[str, ...] | None]:
+@dataclass(frozen=True)
+class _Header:
+    # What an array file holds: its input arrays (shapes, dtypes), labels and keys.
+    fields: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    labels: torch.Tensor
+    keys: tuple[str, ...] | None
+    named: bool = False
+
+
+def _read_header(p: Path, kind: str) -> _Header:
     import numpy as np
     import torch
 
@@ -311,23 +381,27 @@ def _read_header(
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as fh:
-            _require(p, set(fh.keys()))
-            sl = fh.get_slice("inputs")
-            shape, dtype = tuple(sl.get_shape()), _st_dtype(sl.get_dtype())
+            fields, named = _input_fields(p, list(fh.keys()))
+            slices = {f: fh.get_slice(f) for f in fields}
+            shapes = {f: tuple(sl.get_shape()) for f, sl in slices.items()}
+            dtypes = {f: _st_dtype(sl.get_dtype()) for f, sl in slices.items()}
             labels = fh.get_tensor("labels")
             meta = fh.metadata() or {}
         if "keys" in meta:
             keys = tuple(str(k) for k in json.loads(meta["keys"]))
-        return shape, dtype, labels, keys
+        return _Header(fields, shapes, dtypes, labels, keys, named)
     if kind == ".npz":
         # Our own handle: np.load(path) leaks its file when the zip turns out to be corrupt.
         with open(p, "rb") as fh, np.load(fh, allow_pickle=False) as data:
-            _require(p, set(data.files))
-            inputs = data["inputs"]
+            fields, named = _input_fields(p, list(data.files))
             labels_np = data["labels"]
             if "keys" in data.files:
                 keys = tuple(str(k) for k in data["keys"])
-        return tuple(inputs.shape), str(inputs.dtype), torch.from_numpy(labels_np), keys
+        # The inputs' shapes and dtypes from their .npy headers: no input data is read here.
+        headers = {f: member_header(p, f) for f in fields}
+        shapes = {f: shape for f, (shape, _) in headers.items()}
+        dtypes = {f: dtype for f, (_, dtype) in headers.items()}
+        return _Header(fields, shapes, dtypes, torch.from_numpy(labels_np), keys, named)
     arr = np.load(p, mmap_mode="r", allow_pickle=False)
     candidates = [p.with_name(p.stem + ".labels.npy"), p.with_name("labels.npy")]
     found = next((c for c in candidates if c.is_file() and c != p), None)
@@ -335,7 +409,7 @@ def _read_header(
         tried = " or ".join(str(c) for c in candidates)
         raise InputError(f"{p}: .npy inputs need a labels file; none found at {tried}")
     labels = torch.from_numpy(np.ascontiguousarray(np.load(found, allow_pickle=False)))
-    return tuple(arr.shape), str(arr.dtype), labels, None
+    return _Header(("inputs",), {"inputs": tuple(arr.shape)}, {"inputs": str(arr.dtype)}, labels, None)
 
 
 def _st_dtype(name: str) -> str:
@@ -354,8 +428,23 @@ def _st_dtype(name: str) -> str:
     return names.get(name, name.lower())
 
 
-def _require(p: Path, present: set[str]) -> None:
-    missing = [n for n in ("inputs", "labels") if n not in present]
+def _input_fields(p: Path, present: list[str]) -> tuple[tuple[str, ...], bool]:
+    """The arrays holding inputs, and whether batches are mappings of them.
+
+    ``inputs`` when the file has it; else every array but ``labels`` and ``keys`` (named
+    inputs when there are several; one such array is read as ``inputs`` is).
+    """
+    others = [k for k in present if k not in _NOT_INPUTS]
+    missing = [n for n, gone in (("inputs", not others), ("labels", "labels" not in present)) if gone]
     if missing:
         have = ", ".join(sorted(present)) or "nothing"
-        raise InputError(f"{p}: missing array(s) {', '.join(missing)} (the file holds: {have})")
+        raise InputError(
+            f"{p}: missing array(s) {', '.join(missing)} (the file holds: {have}); store "
+            "'inputs' (or one array per named input, e.g. input_ids, attention_mask) and 'labels'"
+        )
+    if "inputs" in present:
+        return ("inputs",), False
+    return tuple(others), len(others) > 1
+
+
+_NOT_INPUTS = ("labels", "keys")

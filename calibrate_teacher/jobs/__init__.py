@@ -14,22 +14,37 @@ script calls the same jobs directly::
 
     ct.export_soft_labels("teacher.onnx", "train/", "cache/", temperature=run.fit.temperature)
 
+    run = calibrate_detector("detector.onnx", "coco/annotations.json", bake=True)   # detection (#14)
+
 Every job checks its outputs are writable before the teacher runs.
 """
 
 from __future__ import annotations
 
 from calibrate_teacher.jobs._calibrate import CalibrationRun, Evaluation, calibrate, evaluate
+from calibrate_teacher.jobs._detection import calibrate_detector, evaluate_detector
+from calibrate_teacher.jobs._detection_export import export_detector_soft_labels
+from calibrate_teacher.jobs._detection_inputs import DetectionOptions
+from calibrate_teacher.jobs._detection_results import DetectorCalibration, DetectorEvaluation, DetectorSoftLabels
 from calibrate_teacher.jobs._export import export_soft_labels
+from calibrate_teacher.jobs._export_tokens import export_token_soft_labels
 from calibrate_teacher.jobs._logits import LogitSource, Progress, obtain_logits
 
 __all__ = [
     "CalibrationRun",
+    "DetectionOptions",
+    "DetectorCalibration",
+    "DetectorEvaluation",
+    "DetectorSoftLabels",
     "Evaluation",
     "LogitSource",
     "Progress",
     "calibrate",
+    "calibrate_detector",
     "evaluate",
+    "evaluate_detector",
+    "export_detector_soft_labels",
     "export_soft_labels",
+    "export_token_soft_labels",
     "obtain_logits",
 ]

@@ -170,7 +170,7 @@ def calibrate(
         from calibrate_teacher.baking import default_baked_path
 
         target = Path(out) if out is not None else default_baked_path(file)
-        check_output(target, overwrite=overwrite)  # before the teacher runs, not after
+        check_output(target, overwrite=overwrite, directory=file.is_dir())  # before the teacher runs
     source = obtain_logits(
         spec, data, logits=logits, labels=labels, save_logits=save_logits, overwrite=overwrite,
         progress=progress,
@@ -189,6 +189,7 @@ def calibrate(
             file, fit.temperature, target, overwrite=overwrite, device=spec.device,
             output=None if spec.output is None else str(spec.output), arch=spec.arch,
             arch_kwargs=spec.arch_kwargs, head=spec.head, preprocess=preprocess, classes=classes,
+            probe=source.probe, input_map=spec.inputs, trust_remote_code=spec.trust_remote_code,
         )
     return CalibrationRun(source=source, fit=fit, baked=baked, notes=source.notes, probe=source.probe)
 

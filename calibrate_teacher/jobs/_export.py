@@ -103,7 +103,7 @@ def export_soft_labels(
                 data_spec.path, calibration.temperature, top_k, shard_rows, resume=resume,
             )
         model = (replace(teacher_spec, device=rank_dev) if file is not None else teacher_spec).load()
-        source = data_spec.open(model)
+        source = data_spec.open(model, trust_remote_code=teacher_spec.trust_remote_code)
         teacher_info = {"file": name, "sha256": teacher_sha, "format": model.format, **recorded}
         description = dict(source.description)
         # A T fitted for another teacher (or for other preprocessing) is refused or flagged now,
@@ -137,11 +137,11 @@ def export_soft_labels(
 
 
 def _fingerprint(spec: TeacherSpec) -> str | None:
-    """The teacher file's SHA-256, or for an ``nn.Module`` the SHA-256 of its state dict."""
+    """The teacher file's (or model directory's) SHA-256, or for an ``nn.Module`` the SHA-256 of its state dict."""
     from calibrate_teacher._io import sha256_file
 
     if spec.path is not None:
-        return sha256_file(spec.path) if spec.path.is_file() else None
+        return sha256_file(spec.path) if spec.path.exists() else None  # a model directory too
     state = getattr(spec.source, "state_dict", None)
     if not callable(state):
         raise InvalidValueError(

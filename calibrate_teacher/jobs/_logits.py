@@ -29,8 +29,10 @@ class LogitSource:
             data (preprocessing included).
         skipped: ``(key, reason)`` for each sample skipped as unreadable (``skip_bad``).
         notes: Things the user should know (which ONNX provider really ran, ...).
-        probe: An in-memory teacher's first input rows (CPU copies, at most 8): real inputs
-            for :func:`~calibrate_teacher.baking.apply_temperature` to prove a fold on.
+        probe: The first input rows the teacher ran on (an in-memory teacher: CPU copies, at
+            most 8; a data file or folder: its first 4 samples): real inputs for
+            :func:`~calibrate_teacher.baking.bake_temperature` and
+            :func:`~calibrate_teacher.baking.apply_temperature` to prove a bake on.
     """
 
     logits: LogitSet
@@ -92,17 +94,20 @@ def obtain_logits(
 
         check_save_suffix(save_logits)
         check_output(save_logits, overwrite=overwrite)  # fail before the long run, not after it
-    from calibrate_teacher.collect import collect_logits
+    from calibrate_teacher.collect import collect_logits, first_inputs
     from calibrate_teacher.data import IterableSource
     from calibrate_teacher.teachers._memory import MemoryTeacher
 
     model = teacher_spec.load()
-    source = data_spec.open(model)
+    source = data_spec.open(model, trust_remote_code=teacher_spec.trust_remote_code)
     # An iterable's length may be known only after the pass: progress then gets total = 0.
     total = (source.length_hint() or 0) if isinstance(source, IterableSource) else len(source)
     callback = (lambda n: progress(n, total)) if progress is not None else None
+    # The data's own first rows (real ids and masks, real images): the probe a bake is proven on.
+    probe = None if isinstance(source, IterableSource) or len(source) == 0 else first_inputs(source)
     logit_set = collect_logits(
-        model, source, batch_size=data_spec.batch_size, workers=data_spec.workers, progress=callback
+        model, source, batch_size=data_spec.batch_size, workers=data_spec.workers, progress=callback,
+        input_map=teacher_spec.inputs,
     )
     if save_logits is not None:
         logit_set.save(save_logits, overwrite=overwrite)
@@ -121,8 +126,9 @@ def obtain_logits(
         logits=logit_set,
         description=description,
         skipped=skipped,
-        notes=tuple(getattr(model, "notes", ())),
-        probe=model.sample if isinstance(model, MemoryTeacher) else None,
+        # What the teacher said, then what stood in for data options not given (text sources).
+        notes=tuple(getattr(model, "notes", ())) + tuple(getattr(source, "notes", ())),
+        probe=model.sample if isinstance(model, MemoryTeacher) else probe,
     )
 
 

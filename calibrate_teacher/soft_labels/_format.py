@@ -27,7 +27,14 @@ from calibrate_teacher.soft_labels._calibration import Calibration
 from calibrate_teacher.soft_labels._validate import check_manifest_doc
 
 FORMAT = "calibrate-teacher.soft-labels"
-FORMAT_VERSION = 1
+#: The newest format version this package reads and writes. Version 2 added token caches
+#: (``layout.unit = "token"``); classification caches are still written as version 1, byte for
+#: byte as before, so older readers keep reading them.
+FORMAT_VERSION = 2
+#: The version a classification (one row per sample) cache is written as.
+SAMPLE_FORMAT_VERSION = 1
+#: The version a token cache (one row per scored token) is written as.
+TOKEN_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 KEYS_NAME = "keys.txt"
 VALUES_DOC = "teacher logits / temperature"
@@ -37,6 +44,8 @@ SHARD_PATTERN = "shard-{:05d}.safetensors"
 MAX_MANIFEST_BYTES = 512 << 20
 
 LayoutKind = Literal["dense", "topk"]
+#: What a row is: a sample (classification) or a scored token of a sequence.
+RowUnit = Literal["sample", "token"]
 
 
 def shard_name(shard: int) -> str:
@@ -62,14 +71,22 @@ class CacheLayout:
     Attributes:
         kind: ``"dense"`` or ``"topk"``.
         k: The number of classes kept per row (``None`` for dense).
-        num_classes: C.
-        shard_rows: Rows per shard (the last shard may hold fewer).
+        num_classes: C (for a token cache: the vocabulary size V).
+        shard_rows: Samples per shard (the last shard may hold fewer); for a token cache the
+            samples are sequences, each holding one row per scored token.
+        unit: ``"sample"`` (one row per sample) or ``"token"`` (one row per scored token).
     """
 
     kind: LayoutKind
     k: int | None
     num_classes: int
     shard_rows: int
+    unit: RowUnit = "sample"
+
+    @property
+    def format_version(self) -> int:
+        """The format version a cache of this layout is written as (1 samples, 2 tokens)."""
+        return TOKEN_FORMAT_VERSION if self.unit == "token" else SAMPLE_FORMAT_VERSION
 
     @property
     def index_dtype(self) -> str | None:
@@ -84,8 +101,8 @@ class CacheLayout:
         return self.num_classes if self.k is None else self.k
 
     def to_json(self) -> dict[str, object]:
-        """Return the manifest's ``layout`` block."""
-        return {
+        """Return the manifest's ``layout`` block (``unit`` and ``input_ids_dtype`` for tokens only)."""
+        block: dict[str, object] = {
             "kind": self.kind,
             "k": self.k,
             "num_classes": self.num_classes,
@@ -95,17 +112,22 @@ class CacheLayout:
             "index_dtype": self.index_dtype,
             "lse_dtype": "float32",
         }
+        if self.unit == "token":
+            block["unit"] = "token"
+            block["input_ids_dtype"] = "int32"
+        return block
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard as the manifest lists it."""
+    """One shard as the manifest lists it (``tokens``: its scored-token rows, token caches only)."""
 
     file: str
     first_row: int
     rows: int
     bytes: int
     sha256: str
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +158,7 @@ class CacheManifest:
     shards: tuple[ShardInfo, ...] = ()
     created_at: str | None = None
     tool_version: str = field(default_factory=tool_version)
-    format_version: int = FORMAT_VERSION
+    format_version: int = SAMPLE_FORMAT_VERSION
 
     @property
     def num_samples(self) -> int:
@@ -172,16 +194,7 @@ class CacheManifest:
             "calibration": self.calibration.to_json(),
             "layout": self.layout.to_json(),
             "keys": KEYS_NAME,
-            "shards": [
-                {
-                    "file": s.file,
-                    "first_row": s.first_row,
-                    "rows": s.rows,
-                    "bytes": s.bytes,
-                    "sha256": s.sha256,
-                }
-                for s in self.shards
-            ],
+            "shards": [_shard_json(s) for s in self.shards],
         }
 
     @classmethod
@@ -217,6 +230,7 @@ class CacheManifest:
                     k=int(lay["k"]) if lay.get("k") is not None else None,  # type: ignore[call-overload]
                     num_classes=int(lay["num_classes"]),  # type: ignore[call-overload]
                     shard_rows=int(lay["shard_rows"]),  # type: ignore[call-overload]
+                    unit="token" if lay.get("unit") == "token" else "sample",
                 ),
                 run_id=str(doc["run_id"]),
                 complete=bool(doc["complete"]),
@@ -227,6 +241,7 @@ class CacheManifest:
                         rows=int(s["rows"]),
                         bytes=int(s["bytes"]),
                         sha256=str(s["sha256"]),
+                        tokens=int(s["tokens"]) if s.get("tokens") is not None else None,
                     )
                     for s in doc.get("shards", [])  # type: ignore[attr-defined]
                 ),
@@ -236,6 +251,15 @@ class CacheManifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _shard_json(s: ShardInfo) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "file": s.file, "first_row": s.first_row, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256
+    }
+    if s.tokens is not None:
+        entry["tokens"] = s.tokens
+    return entry
 
 
 def _as_dict(value: object) -> dict[str, object]:
@@ -283,7 +307,7 @@ def run_id(
 ) -> str:
     """Return the SHA-256 of everything that determines a cache's bytes."""
     identity = {
-        "format_version": FORMAT_VERSION,
+        "format_version": layout.format_version,
         "teacher": dict(teacher),
         "data": {"source": data.get("source"), "num_samples": data.get("num_samples")},
         "temperature": float(temperature),

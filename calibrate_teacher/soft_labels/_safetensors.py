@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from calibrate_teacher.errors import CacheError
-from calibrate_teacher.soft_labels._format import FORMAT, FORMAT_VERSION, CacheManifest
+from calibrate_teacher.soft_labels._format import FORMAT, CacheManifest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,7 +34,7 @@ def shard_metadata(
     """Return the str -> str metadata stored in a shard's safetensors header."""
     meta = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(manifest.format_version),
         "run_id": manifest.run_id,
         "shard": str(shard),
         "first_row": str(first_row),
@@ -45,6 +45,8 @@ def shard_metadata(
     }
     if manifest.layout.k is not None:
         meta["k"] = str(manifest.layout.k)
+    if manifest.layout.unit == "token":
+        meta["unit"] = "token"
     return meta
 
 
@@ -80,6 +82,8 @@ def write_shard_bytes(
         import numpy as np
 
         little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        if little.nbytes == 0:  # a 0-row tensor: no bytes (memoryview.cast refuses a 0 in the shape)
+            continue
         view = little.data.cast("B")
         digest.update(view)
         fh.write(view)

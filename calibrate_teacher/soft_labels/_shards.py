@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from calibrate_teacher._io import replaced
 from calibrate_teacher.errors import CacheError, InvalidValueError, OutputError
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchProducer",
     "RowBatch",
+    "ShardComputer",
     "compute_shard",
     "fsync_dir",
     "persist_shard",
@@ -70,6 +71,12 @@ class RowBatch(Protocol):
 
 #: Given row positions, yield their batches in that order (e.g. ``iter_logits(..., indices=rows)``).
 BatchProducer = Callable[[Sequence[int]], Iterable[RowBatch]]
+
+#: (producer, manifest, shard, progress, worker pool) -> the shard's arrays (in file order) and keys.
+ShardComputer = Callable[
+    [Any, CacheManifest, int, "Callable[[int], None] | None", Executor],
+    "tuple[dict[str, np.ndarray], list[str]]",
+]
 
 
 def shard_rows_of(manifest: CacheManifest, shard: int) -> int:
@@ -214,6 +221,8 @@ def persist_shard(
         "sha256": digest,
         "keys": keys,
     }
+    if manifest.layout.unit == "token":
+        receipt["tokens"] = int(arrays["lse"].shape[0])
     with writing(path), replacing(folder / receipt_name(shard)) as fh:
         fh.write(json.dumps(receipt).encode("utf-8"))
     fsync_dir(folder)

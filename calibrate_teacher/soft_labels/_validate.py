@@ -121,6 +121,11 @@ def check_manifest_doc(
         raise layout.fail("kind", f"is {kind!r}, expected 'dense' or 'topk'")
     num_classes = layout.integer("num_classes", low=2)
     shard_rows = layout.integer("shard_rows", low=1)
+    unit = layout.doc.get("unit", "sample")
+    if unit not in ("sample", "token"):
+        raise layout.fail("unit", f"is {_shown(unit)}, expected 'token' (or absent)")
+    if unit == "token" and version < 2:
+        raise layout.fail("unit", f"is 'token', which needs format_version 2 or later (the file says {version})")
     if kind == "dense":
         if layout.doc.get("k") is not None:
             raise layout.fail("k", f"is {_shown(layout.doc.get('k'))}, expected null for dense rows")
@@ -158,10 +163,15 @@ def check_manifest_doc(
         for name in metrics.doc:
             metrics.number(name)
 
-    _check_shards(top, complete=complete, num_samples=num_samples, shard_rows=shard_rows, pattern=shard_name)
+    _check_shards(
+        top, complete=complete, num_samples=num_samples, shard_rows=shard_rows, pattern=shard_name,
+        tokens=unit == "token",
+    )
 
 
-def _check_shards(top: _Fields, *, complete: bool, num_samples: int, shard_rows: int, pattern: str) -> None:
+def _check_shards(
+    top: _Fields, *, complete: bool, num_samples: int, shard_rows: int, pattern: str, tokens: bool = False
+) -> None:
     shards = top.doc.get("shards", [])
     if not isinstance(shards, list):
         raise top.fail("shards", f"is {_shown(shards)}, expected a list")
@@ -188,3 +198,5 @@ def _check_shards(top: _Fields, *, complete: bool, num_samples: int, shard_rows:
             raise shard.fail("rows", f"is {entry['rows']}, expected {rows}")
         shard.integer("bytes", low=8)
         shard.digest("sha256")
+        if tokens:  # a token cache's shard also says how many scored-token rows it holds
+            shard.integer("tokens", low=0)

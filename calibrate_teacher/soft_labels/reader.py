@@ -148,6 +148,11 @@ class SoftLabelCache:
                 f"{self.path}: the cache is incomplete (its export is running or was interrupted); "
                 "rerun the same export-soft-labels command to finish it"
             )
+        if m.layout.unit == "token":
+            raise CacheError(
+                f"{self.path}: is a token soft-label cache (one row per scored token); open it with "
+                "calibrate_teacher.soft_labels.TokenSoftLabelCache"
+            )
         self._shards: list[_Shard | None] = [None] * m.num_shards
         self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> (inode, size, mtime) checked
         self._per_shard = m.layout.shard_rows

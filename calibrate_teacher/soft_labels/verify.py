@@ -13,11 +13,13 @@ from calibrate_teacher.soft_labels._format import (
     KEYS_NAME,
     MANIFEST_NAME,
     CacheManifest,
+    ShardInfo,
     read_manifest,
     receipt_name,
     shard_name,
 )
 from calibrate_teacher.soft_labels.reader import _Shard
+from calibrate_teacher.soft_labels.token_reader import _TokenShard
 
 __all__ = ["CacheDescription", "CacheVerification", "describe_cache", "verify_cache"]
 
@@ -152,6 +154,9 @@ def verify_cache(cache: str | os.PathLike[str]) -> CacheVerification:
                 f"file {digest[:12]}...); the shard is corrupt: re-export the cache"
             )
             continue
+        if manifest.layout.unit == "token":
+            problems.extend(_token_shard_problems(file, manifest, number, info))
+            continue
         try:
             shard = _Shard(file, manifest, number, info, verify=False)  # hashed just above
         except CacheError as exc:
@@ -185,3 +190,30 @@ def verify_cache(cache: str | os.PathLike[str]) -> CacheVerification:
     return CacheVerification(
         ok=not problems, shards_checked=len(manifest.shards), problems=tuple(problems)
     )
+
+
+def _token_shard_problems(file: Path, manifest: CacheManifest, number: int, info: ShardInfo) -> list[str]:
+    """What is wrong with one token shard (checksum already checked): header, rows, ranges."""
+    import numpy as np
+
+    try:
+        shard = _TokenShard(file, manifest, number, info, verify=False)
+    except CacheError as exc:
+        return [str(exc)]
+    problems = []
+    a = shard.arrays
+    last = info.first_row + info.rows - 1
+    if not np.array_equal(a["sample_index"], np.arange(info.first_row, last + 1, dtype=np.int64)):
+        problems.append(f"{info.file}: sample_index is not sequences {info.first_row}..{last}")
+    v = manifest.num_classes
+    if shard.index is not None and shard.index.size and (shard.index.min() < 0 or shard.index.max() >= v):
+        problems.append(f"{info.file}: topk_index outside [0, {v - 1}]")
+    if a["input_ids"].size and a["input_ids"].min() < 0:
+        problems.append(f"{info.file}: negative input_ids")
+    lengths = np.diff(shard.ids_offsets)
+    owner = np.repeat(np.arange(info.rows), np.diff(shard.seq_offsets))
+    if a["position"].size and (a["position"].min() < 0 or bool((a["position"] >= lengths[owner]).any())):
+        problems.append(f"{info.file}: a scored position lies outside its sequence")
+    if not np.isfinite(a["lse"]).all():
+        problems.append(f"{info.file}: lse holds NaN or Inf")
+    return problems

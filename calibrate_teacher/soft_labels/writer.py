@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from calibrate_teacher._distributed import DistributedContext
 from calibrate_teacher.errors import CacheError, InvalidValueError
@@ -32,6 +33,7 @@ from calibrate_teacher.soft_labels._format import (
     MANIFEST_NAME,
     CacheLayout,
     CacheManifest,
+    RowUnit,
     ShardInfo,
     read_manifest,
     receipt_name,
@@ -42,6 +44,7 @@ from calibrate_teacher.soft_labels._output import DONE, FAILED, GO, OutputClaim,
 from calibrate_teacher.soft_labels._shards import (
     BatchProducer,
     RowBatch,
+    ShardComputer,
     compute_shard,
     fsync_dir,
     persist_shard,
@@ -68,15 +71,21 @@ DEFAULT_SHARD_ROWS = 16384
 #: Above this many classes the default layout keeps only the top 10 of each row.
 DENSE_MAX_CLASSES = 1000
 DEFAULT_TOP_K = 10
+#: A token cache's default k when V > 1000 (LM vocabularies: the tail mass is kept in ``lse``).
+DEFAULT_TOKEN_TOP_K = 64
 
 
-def choose_layout(num_classes: int, top_k: int | None, shard_rows: int) -> CacheLayout:
+def choose_layout(
+    num_classes: int, top_k: int | None, shard_rows: int, *, unit: RowUnit = "sample"
+) -> CacheLayout:
     """Pick dense or top-k storage.
 
     Args:
         num_classes: C.
-        top_k: None: dense when C <= 1000, else the top 10; 0: dense; 1 <= K < C: the top K.
-        shard_rows: Rows per shard.
+        top_k: None: dense when C <= 1000, else the top 10 (the top 64 for a token cache);
+            0: dense; 1 <= K < C: the top K.
+        shard_rows: Rows (samples; sequences for a token cache) per shard.
+        unit: ``"sample"`` (classification rows) or ``"token"`` (one row per scored token).
 
     Raises:
         InvalidValueError: C < 2, K < 0 or K >= C, or shard_rows < 1.
@@ -91,15 +100,16 @@ def choose_layout(num_classes: int, top_k: int | None, shard_rows: int) -> Cache
     if shard_rows < 1:
         raise InvalidValueError(f"--shard-rows {shard_rows}: must be at least 1")
     if top_k is None:
-        top_k = 0 if num_classes <= DENSE_MAX_CLASSES else DEFAULT_TOP_K
+        wide = DEFAULT_TOKEN_TOP_K if unit == "token" else DEFAULT_TOP_K
+        top_k = 0 if num_classes <= DENSE_MAX_CLASSES else wide
     if top_k < 0 or top_k >= num_classes:
         raise InvalidValueError(
             f"--top-k {top_k}: must lie in [1, {num_classes - 1}] for {num_classes} classes; "
             "use --top-k 0 for dense rows"
         )
     if top_k == 0:
-        return CacheLayout(kind="dense", k=None, num_classes=num_classes, shard_rows=shard_rows)
-    return CacheLayout(kind="topk", k=top_k, num_classes=num_classes, shard_rows=shard_rows)
+        return CacheLayout(kind="dense", k=None, num_classes=num_classes, shard_rows=shard_rows, unit=unit)
+    return CacheLayout(kind="topk", k=top_k, num_classes=num_classes, shard_rows=shard_rows, unit=unit)
 
 
 def write_soft_labels(
@@ -180,6 +190,7 @@ def plan_manifest(
     data: Mapping[str, object] | None,
     top_k: int | None,
     shard_rows: int,
+    unit: RowUnit = "sample",
 ) -> CacheManifest:
     """Return the unfinished manifest of a request, checking its options (nothing is written).
 
@@ -187,7 +198,7 @@ def plan_manifest(
         InvalidValueError: bad T, top_k, shard_rows or N, or descriptions that are not JSON.
     """
     calibration = temperature if isinstance(temperature, Calibration) else Calibration(temperature)
-    layout = choose_layout(num_classes, top_k, shard_rows)
+    layout = choose_layout(num_classes, top_k, shard_rows, unit=unit)
     if num_samples < 1:
         raise InvalidValueError(f"num_samples {num_samples}: the data holds no samples to export")
     shards = -(-num_samples // shard_rows)
@@ -211,11 +222,12 @@ def plan_manifest(
         calibration=calibration,
         layout=layout,
         run_id=run_id(teacher_block, data_block, calibration.temperature, layout),
+        format_version=layout.format_version,
     )
 
 
 def write_claimed(
-    produce: BatchProducer,
+    produce: Any,
     claim: OutputClaim,
     manifest: CacheManifest,
     *,
@@ -223,8 +235,15 @@ def write_claimed(
     resume: bool,
     progress: Callable[[int, int], None] | None,
     notify: Callable[[str], None] | None,
+    shard_computer: ShardComputer | None = None,
 ) -> CacheManifest:
-    """:func:`write_soft_labels` into a folder this run has claimed (see ``_output.py``)."""
+    """:func:`write_soft_labels` into a folder this run has claimed (see ``_output.py``).
+
+    ``shard_computer`` turns the producer's output for one shard into its arrays and keys (default:
+    classification rows, :func:`~calibrate_teacher.soft_labels._shards.compute_shard`; the token
+    cache passes its own).
+    """
+    compute_one = shard_computer or compute_shard
     ctx, folder = claim.context, claim.folder
     if ctx.is_main:
         try:
@@ -267,7 +286,7 @@ def write_claimed(
     ):
         pending: Future[None] | None = None
         for shard in todo:
-            arrays, keys = compute_shard(produce, manifest, shard, step, compute)
+            arrays, keys = compute_one(produce, manifest, shard, step, compute)
             if pending is not None:
                 pending.result()
             pending = disk.submit(persist_shard, folder, manifest, shard, arrays, keys)
@@ -278,6 +297,12 @@ def write_claimed(
     ctx.barrier()
     on_main_rank(ctx, lambda: _finish(folder, manifest), failed=f"{folder}: rank 0 could not finish the manifest")
     return read_manifest(folder)
+
+
+def _token_count(manifest: CacheManifest, shards: list[ShardInfo]) -> dict[str, object]:
+    if manifest.layout.unit != "token":
+        return {}
+    return {"num_tokens": sum(s.tokens or 0 for s in shards)}
 
 
 def _as_json(block: Mapping[str, object]) -> dict[str, object]:
@@ -343,6 +368,7 @@ def _finish(folder: Path, manifest: CacheManifest) -> None:
                     rows=int(receipt["rows"]),  # type: ignore[call-overload]
                     bytes=int(receipt["bytes"]),  # type: ignore[call-overload]
                     sha256=str(receipt["sha256"]),
+                    tokens=int(receipt["tokens"]) if receipt.get("tokens") is not None else None,  # type: ignore[call-overload]
                 )
             )
     final = replace(
@@ -350,7 +376,7 @@ def _finish(folder: Path, manifest: CacheManifest) -> None:
         complete=True,
         shards=tuple(shards),
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        data={**manifest.data, "order_sha256": digest.hexdigest()},
+        data={**manifest.data, "order_sha256": digest.hexdigest(), **_token_count(manifest, shards)},
     )
     with writing(folder / MANIFEST_NAME):
         _write_manifest(folder, final)

@@ -1,4 +1,4 @@
-"""Teacher backends: ONNX, TorchScript, safetensors (or a state dict) + architecture, torch.export.
+"""Teacher backends: ONNX, TorchScript, safetensors (or a state dict) + architecture, torch.export, Hugging Face.
 
 ``load_teacher`` picks the backend by suffix, confirms it by content (a suffix that names no
 format, such as ``.bin``, is read by content alone) and returns an object that satisfies
@@ -15,6 +15,10 @@ Where the logits come back: ONNX teachers return CPU tensors; the PyTorch backen
 returning logits (or a tuple / mapping / ``ModelOutput`` holding them), becomes a ``"module"``
 teacher (see :mod:`calibrate_teacher.teachers._memory`) that runs where the module's parameters
 are and never moves it.
+
+A folder is read as a Hugging Face model directory (format ``"hf"``: ``config.json`` + safetensors
+weights, loaded with transformers' own ``from_pretrained``, offline, without remote code unless
+``trust_remote_code=True``; see :mod:`calibrate_teacher.teachers._hf`).
 
 Each loaded teacher also has ``notes`` (a list of one-line remarks for stderr, e.g. that the
 CUDA provider did not start) and ONNX teachers a ``provider`` (the execution provider in use).
@@ -69,17 +73,36 @@ def open_teacher(
     output: str | None = None,
     arch: str | None = None,
     arch_kwargs: Mapping[str, object] | str | None = None,
+    trust_remote_code: bool = False,
 ) -> BackendTeacher:
     """:func:`load_teacher`, typed with the private methods ``baking`` relies on."""
     check_device(device)  # before the file is even opened
     file = Path(path)
     fmt = detect_format(file, arch=arch)
+    if fmt == "hf":
+        return _open_directory(file, device=device, output=output, arch=arch, trust_remote_code=trust_remote_code)
     teacher: BackendTeacher = backend(fmt).load(
         file, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs
     )
     note = content_note(file, fmt)
     if note is not None:  # a suffix that names no format: say what the bytes were read as
         teacher.notes.insert(0, note)
+    return teacher
+
+
+def _open_directory(
+    folder: Path, *, device: str, output: str | None, arch: str | None, trust_remote_code: bool
+) -> BackendTeacher:
+    from calibrate_teacher.teachers import _hf_teacher
+
+    if arch is not None:
+        raise InvalidValueError(
+            f"--arch {arch!r}: {folder} is a Hugging Face model directory, whose config.json names "
+            "its architecture; drop --arch"
+        )
+    teacher: BackendTeacher = _hf_teacher.load(
+        folder, device=device, output=output, trust_remote_code=trust_remote_code
+    )
     return teacher
 
 
@@ -90,6 +113,7 @@ def load_teacher(
     output: str | None = None,
     arch: str | None = None,
     arch_kwargs: Mapping[str, object] | str | None = None,
+    trust_remote_code: bool = False,
 ) -> Teacher:
     """Load a teacher model from a file.
 
@@ -98,13 +122,17 @@ def load_teacher(
             read with ``weights_only=True`` when ``arch`` is given); ``.safetensors`` (with
             ``arch``); ``.pt2`` (torch.export). Any other suffix (``.bin``, ``.ts``, none) is
             read by its content: ``pytorch_model.bin`` as a state dict (with ``arch``),
-            ``model.ts`` as TorchScript.
+            ``model.ts`` as TorchScript. A folder: a Hugging Face model directory
+            (``config.json`` + ``model.safetensors`` or a sharded index; ``pytorch_model.bin``
+            only through ``torch.load(weights_only=True)``), a sequence or image classifier.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         output: Which output holds the logits when the model has several: an ONNX output
             name, a key of a returned mapping (default ``logits``), or an index into a tuple.
         arch: The architecture for weights-only files: ``pkg.module:factory`` or
             ``path/to/file.py:factory`` (imported only when given).
         arch_kwargs: Keyword arguments for the factory, a mapping or a JSON object string.
+        trust_remote_code: Hugging Face directories: allow the custom code a ``config.json``
+            ``auto_map`` names (files in the directory only); refused by default.
 
     Returns:
         A :class:`~calibrate_teacher.teachers.base.Teacher` whose ``logits(batch)`` returns
@@ -116,8 +144,11 @@ def load_teacher(
         TeacherError: the model cannot be loaded or run (wrong ``arch``, weights that do not
             fit it, several inputs, probabilities without a visible softmax...).
         InvalidValueError: a malformed ``device``, ``arch`` or ``arch_kwargs``.
+        MissingDependencyError: a Hugging Face directory without transformers installed.
     """
-    return open_teacher(path, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs)
+    return open_teacher(
+        path, device=device, output=output, arch=arch, arch_kwargs=arch_kwargs, trust_remote_code=trust_remote_code
+    )
 
 
 def as_teacher(

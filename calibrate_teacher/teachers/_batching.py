@@ -12,7 +12,7 @@ Shared by the PyTorch backends (:mod:`~calibrate_teacher.teachers._torch`) and O
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,23 +21,25 @@ from calibrate_teacher.errors import TeacherError
 if TYPE_CHECKING:
     import torch
 
-    from calibrate_teacher.teachers.base import InputSpec
+    from calibrate_teacher.teachers.base import Inputs, InputSpec
 
 #: The batch sizes a model runs on: (fewest rows, most rows or None for no upper bound).
 BatchRows = tuple[int, int | None]
 
 
 def run_in_chunks(
-    run: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
+    run: Callable[[Inputs], torch.Tensor],
+    x: Inputs,
     rows: BatchRows | None,
     *,
     file: Path,
 ) -> torch.Tensor:
     """``run(x)`` for a model that takes only ``rows`` = (fewest, most) rows per call.
 
-    The batch runs in chunks of at most ``most`` rows; a chunk short of ``fewest`` is padded by
-    repeating its last row (zeros for an empty batch) and the padding's outputs are dropped.
+    ``x`` is one tensor, or named tensors that share their first dimension (a multi-input
+    model): each chunk cuts every one of them at the same rows. The batch runs in chunks of at
+    most ``most`` rows; a chunk short of ``fewest`` is padded by repeating its last row (zeros
+    for an empty batch) and the padding's outputs are dropped.
 
     Raises:
         TeacherError: an output whose first dimension is not the chunk's rows (the rows cannot
@@ -45,33 +47,49 @@ def run_in_chunks(
     """
     import torch
 
-    n = int(x.shape[0]) if x.ndim else 0
-    if rows is None or x.ndim == 0:
+    tensors = list(x.values()) if isinstance(x, Mapping) else [x]
+    if rows is None or not tensors or any(t.ndim == 0 for t in tensors):
         return run(x)
+    n = int(tensors[0].shape[0])
     fewest, most = rows
     if fewest <= n and (most is None or n <= most):
         return run(x)
     size = most if most is not None else max(n, fewest)
     outputs: list[torch.Tensor] = []
     for start in range(0, max(n, 1), size):
-        part = x[start : start + size]
-        kept = int(part.shape[0])
+        part = _cut(x, start, start + size)
+        kept = min(size, max(n - start, 0))
         if kept < fewest:
-            filler = (
-                part[-1:].expand(fewest - kept, *part.shape[1:])
-                if kept
-                else x.new_zeros((fewest, *x.shape[1:]))
-            )
-            part = torch.cat([part, filler])
+            part = _pad(part, fewest - kept, kept)
         out = run(part)
-        if out.ndim == 0 or out.shape[0] != part.shape[0]:
+        got = fewest if kept < fewest else kept
+        if out.ndim == 0 or out.shape[0] != got:
             raise TeacherError(
                 f"{file}: the model runs on batches of {_rows_text(rows)} rows, so batches run in "
-                f"chunks, but its output for {part.shape[0]} rows has shape {tuple(out.shape)}; "
+                f"chunks, but its output for {got} rows has shape {tuple(out.shape)}; "
                 "export it with a dynamic batch dimension"
             )
         outputs.append(out[:kept])
     return torch.cat(outputs)
+
+
+def _cut(x: Inputs, start: int, stop: int) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: v[start:stop] for k, v in x.items()}
+    return x[start:stop]
+
+
+def _pad(x: Inputs, extra: int, kept: int) -> Inputs:
+    """``x`` with ``extra`` more rows: its last row repeated (zeros when it has none)."""
+    import torch
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        filler = t[-1:].expand(extra, *t.shape[1:]) if kept else t.new_zeros((extra, *t.shape[1:]))
+        return torch.cat([t, filler])
+
+    if isinstance(x, Mapping):
+        return {k: pad(v) for k, v in x.items()}
+    return pad(x)
 
 
 def _rows_text(rows: BatchRows) -> str:

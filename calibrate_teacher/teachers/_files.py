@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from calibrate_teacher.errors import InputError
-from calibrate_teacher.teachers.base import Teacher, TeacherFormat
+from calibrate_teacher.teachers.base import Inputs, Teacher, TeacherFormat
 
 if TYPE_CHECKING:
     import torch
@@ -54,8 +54,9 @@ TEACHER_SUFFIXES: tuple[str, ...] = tuple(SUFFIX_FORMATS)
 
 SUPPORTED = (
     "supported teachers: .onnx (ONNX), .pt/.pth/.torchscript/.jit (TorchScript), "
-    ".safetensors or a .pt/.pth state dict (with --arch), .pt2 (torch.export); "
-    "other suffixes (.bin, .ts, none) are read by content"
+    ".safetensors or a .pt/.pth state dict (with --arch), .pt2 (torch.export), a Hugging Face "
+    "model directory (config.json + model.safetensors); other suffixes (.bin, .ts, none) are "
+    "read by content"
 )
 
 #: Relative tolerance of a probe check (``baked ≈ original / T``), by the model's output dtype.
@@ -82,6 +83,7 @@ _FORMAT_DESCRIPTIONS: dict[TeacherFormat, str] = {
     "export": "a torch.export program",
     "state_dict": "a state dict (torch.load weights_only=True)",
     "module": "an in-memory module",
+    "hf": "a Hugging Face model directory",
 }
 #: The suffix to rename a mislabelled file to, by what it holds.
 _RENAME: dict[Content, str] = {
@@ -118,11 +120,11 @@ class BackendTeacher(Teacher, Protocol):
     #: batches run in chunks of a size it takes (a static-batch ``.pt2`` or ONNX graph).
     batch_rows: tuple[int, int | None] | None
 
-    def _probe(self, batch_size: int) -> torch.Tensor:
-        """A deterministic input batch the teacher accepts (random values, known shape)."""
+    def _probe(self, batch_size: int) -> Inputs:
+        """A deterministic input batch the teacher accepts (named inputs where it takes several)."""
         ...
 
-    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor | None:
+    def _probabilities(self, batch: Inputs) -> torch.Tensor | None:
         """The model's own softmax output when it ends in one, else None."""
         ...
 
@@ -134,11 +136,18 @@ def detect_format(path: str | os.PathLike[str], *, arch: str | None = None) -> T
     ``.ts``, none...) is read by content (see the module docstring). A ``torch.save``
     checkpoint is the ``"state_dict"`` format, accepted only together with ``arch``.
 
+    A directory is ``"hf"`` when its ``config.json`` is one transformers wrote (see
+    :func:`~calibrate_teacher.teachers._hf.is_hf_directory`); its weights and safety are checked
+    when it is opened.
+
     Raises:
         InputError: the file is missing or empty, its bytes hold another format than its suffix
-            names (the message says which, and the suffix to rename it to), or no format we read.
+            names (the message says which, and the suffix to rename it to), or no format we read;
+            a directory that is no Hugging Face model.
     """
     file = Path(path)
+    if file.is_dir():
+        return _directory_format(file)
     head = _head(file)
     suffix = file.suffix.lower()
     named = SUFFIX_FORMATS.get(suffix)
@@ -213,6 +222,22 @@ def content_note(path: str | os.PathLike[str], fmt: TeacherFormat) -> str | None
         return None
     what = _FORMAT_DESCRIPTIONS[fmt]
     return f"{file.name}: read by its content as {what} (the suffix {suffix or '(none)'!r} names no format)"
+
+
+def _directory_format(folder: Path) -> TeacherFormat:
+    from calibrate_teacher.teachers._hf import is_hf_directory
+
+    if is_hf_directory(folder):
+        return "hf"
+    why = (
+        "its config.json names no model_type or architectures"
+        if (folder / "config.json").is_file()
+        else "it has no config.json"
+    )
+    raise InputError(
+        f"{folder}: a folder, but not a Hugging Face model directory ({why}); give a model file, "
+        f"or a save_pretrained folder; {SUPPORTED}"
+    )
 
 
 def _head(file: Path) -> bytes:

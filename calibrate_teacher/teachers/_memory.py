@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate_teacher.errors import InvalidValueError, TeacherError
+from calibrate_teacher.teachers._inputs import InputPlan, feed_inputs, mask_note
 from calibrate_teacher.teachers._torch import (
     Output,
     as_logits,
@@ -136,8 +137,18 @@ def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
             m.training = training
 
 
-def invoke(fn: Callable[..., object], inputs: Inputs, sig: Signature, *, where: Path) -> object:
+def invoke(
+    fn: Callable[..., object],
+    inputs: Inputs,
+    sig: Signature,
+    *,
+    where: Path,
+    notes: list[str] | None = None,
+) -> object:
     """Call ``fn`` on one tensor, or with a mapping's entries as keyword arguments.
+
+    With ``notes``, batch entries the forward does not take, and an optional ``attention_mask``
+    the batch lacks (the model then runs without a mask), are said there once each.
 
     Raises:
         TeacherError: the mapping lacks a required parameter of ``fn``.
@@ -154,8 +165,17 @@ def invoke(fn: Callable[..., object], inputs: Inputs, sig: Signature, *, where: 
     if missing:
         raise TeacherError(
             f"{where}: forward needs {', '.join(missing)} but the batch holds "
-            f"{', '.join(map(str, inputs)) or 'nothing'}; name the batch entries after its parameters"
+            f"{', '.join(map(str, inputs)) or 'nothing'}; name the batch entries after its "
+            f"parameters, or map them with --input {missing[0]}=FIELD"
         )
+    if notes is not None and sig.names is not None:
+        plan = InputPlan.of(sig.names, required=sig.required)
+        if not sig.var_keyword:  # the one resolver says what was left out
+            kwargs = feed_inputs(inputs, plan, where=where, notes=notes)
+        else:  # **kwargs takes every entry; only a missing optional mask is worth saying
+            note = mask_note(inputs, plan, where=where)
+            if note is not None and note not in notes:
+                notes.append(note)
     return fn(**kwargs)
 
 
@@ -175,11 +195,14 @@ class MemoryTeacher:
         module: The ``nn.Module`` behind it (itself, or a bound method's owner), else None.
         output: Which entry of its output holds the logits (see :func:`pick_logits`).
         sample: The first rows of the first batch (on the CPU), once one has run.
-        notes: Always empty; kept for symmetry with the file backends.
+        notes: Remarks for stderr: batch entries the forward does not take, an optional
+            ``attention_mask`` the batch lacks (the model ran without a mask); each said once.
     """
 
     format: TeacherFormat = "module"
     input_spec: InputSpec | None = None
+    #: A module records no input shapes or dtypes.
+    input_specs: tuple[InputSpec, ...] = ()
     num_classes: int  # set by the first batch
 
     def __init__(self, model: Callable[..., object], *, output: Output = None, name: str | None = None) -> None:
@@ -209,7 +232,7 @@ class MemoryTeacher:
 
         inputs = move_inputs(batch, self.device, self._dtype)
         with eval_mode(self.module), torch.no_grad():
-            return invoke(self.model, inputs, self._signature, where=self.path)
+            return invoke(self.model, inputs, self._signature, where=self.path, notes=self.notes)
 
     def logits(self, batch: Inputs) -> torch.Tensor:
         """Return float logits ``[n, num_classes]`` on the model's device.

@@ -13,6 +13,10 @@ A graph whose batch dimension is a fixed number (exported without a dynamic batc
 any batch in chunks of that size, the last one padded and its padding's outputs dropped
 (:func:`~calibrate_teacher.teachers._batching.run_in_chunks`); the baked model keeps that batch size.
 An input whose other fixed dimensions differ is refused with one line before onnxruntime sees it.
+
+A graph with several inputs (``input_ids``, ``attention_mask``...) is fed by name from the batch's
+mapping, each input cast to the element type the graph declares (int64 ids, bool masks); see
+:mod:`~calibrate_teacher.teachers._inputs`. The bake keeps every input name.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from calibrate_teacher._device import check_device
 from calibrate_teacher.errors import InputError, TeacherError
 from calibrate_teacher.teachers._batching import BatchRows, batch_note, check_input_shape, run_in_chunks
 from calibrate_teacher.teachers._files import SUPPORTED, BakedFiles
+from calibrate_teacher.teachers._inputs import InputPlan, feed_inputs
 from calibrate_teacher.teachers._onnx_graph import (
     FLOAT_TYPES,
     LogitsTensor,
@@ -39,11 +44,11 @@ from calibrate_teacher.teachers._onnx_graph import (
 )
 from calibrate_teacher.teachers._torch import (
     as_logits,
-    expand_sample,
     looks_like_probabilities,
+    probe_input,
     refuse_probabilities,
 )
-from calibrate_teacher.teachers.base import InputSpec, TeacherFormat
+from calibrate_teacher.teachers.base import Inputs, InputSpec, TeacherFormat
 
 if TYPE_CHECKING:
     import onnx
@@ -98,10 +103,14 @@ class OnnxTeacher:
     """A :class:`Teacher` over an onnxruntime session.
 
     Attributes:
+        input_specs: Every graph input (name, shape, dtype), in the graph's order; a model with
+            several is fed by name from the batch's mapping (see
+            :mod:`~calibrate_teacher.teachers._inputs`).
         provider: The execution provider that really runs the model.
         output: The graph output read as the teacher's output.
         logits_tensor: Where the logits are read (the softmax input when the graph ends in one).
-        notes: Things the CLI prints on stderr (provider fallback, duplicate onnxruntime).
+        notes: Things the CLI prints on stderr (provider fallback, duplicate onnxruntime,
+            batch fields the model does not take).
     """
 
     format: TeacherFormat = "onnx"
@@ -111,19 +120,22 @@ class OnnxTeacher:
         path: Path,
         session: Any,
         info: LogitsTensor,
-        spec: InputSpec,
+        specs: Sequence[InputSpec],
         provider: str,
         device: str,
         notes: list[str],
     ) -> None:
-        import numpy as np
-
         self.path = path
-        self.input_spec = spec
-        self.input_names: tuple[str, ...] | None = (spec.name,) if spec.name else None
+        self.input_specs = tuple(specs)
+        self.input_spec = self.input_specs[0]
+        self.input_names: tuple[str, ...] | None = tuple(str(s.name) for s in self.input_specs)
+        # ONNX inputs have no defaults: every one is required.
+        self._plan = InputPlan.of(
+            self.input_names, dtypes={str(s.name): s.dtype for s in self.input_specs}
+        )
         self.provider = provider
         self.device = device
-        first = spec.shape[0] if spec.shape else None
+        first = self.input_spec.shape[0] if self.input_spec.shape else None
         #: The batch size the graph is fixed at, as (fewest, most) rows; None for a dynamic batch.
         self.batch_rows: BatchRows | None = (first, first) if first else None
         self.notes = notes + batch_note(path, self.batch_rows, _DYNAMIC_BATCH)
@@ -132,57 +144,66 @@ class OnnxTeacher:
         self.info = info
         self.precision = FLOAT_TYPES[info.elem_type]
         self._session = session
-        self._input_dtype = np.dtype(spec.dtype)
         last = info.shape[-1] if info.shape else None
         self.num_classes = int(last) if last else int(self.logits(self._probe(1)).shape[1])
 
-    def _run(self, name: str, batch: torch.Tensor) -> torch.Tensor:
-        check_input_shape(batch, self.input_spec, file=self.path, fix=_reshape_hint)
+    def _run(self, name: str, batch: Inputs) -> torch.Tensor:
+        named = feed_inputs(batch, self._plan, where=self.path, notes=self.notes)
+        for spec in self.input_specs:
+            check_input_shape(named[str(spec.name)], spec, file=self.path, fix=_reshape_hint)
+        rows = {k: v.detach().cpu() for k, v in named.items()}
         return run_in_chunks(
-            lambda rows: self._run_once(name, rows), batch.detach().cpu(), self.batch_rows, file=self.path
+            lambda part: self._run_once(name, part), rows, self.batch_rows, file=self.path
         )
 
-    def _run_once(self, name: str, batch: torch.Tensor) -> torch.Tensor:
+    def _run_once(self, name: str, batch: Inputs) -> torch.Tensor:
+        import numpy as np
         import torch
 
-        x = batch.numpy().astype(self._input_dtype, copy=False)
+        assert isinstance(batch, Mapping)  # _run hands over named inputs
+        feed = {
+            str(spec.name): batch[str(spec.name)].numpy().astype(np.dtype(spec.dtype), copy=False)
+            for spec in self.input_specs
+        }
         try:
-            (value,) = self._session.run([name], {self.input_spec.name: x})
+            (value,) = self._session.run([name], feed)
         except ort_errors() as exc:
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items())
+            what = f"shape {tuple(next(iter(feed.values())).shape)}" if len(feed) == 1 else shapes
             raise TeacherError(
-                f"{self.path}: onnxruntime failed on a batch of shape "
-                f"{tuple(x.shape)}: {' '.join(str(exc).split())[:240]}"
+                f"{self.path}: onnxruntime failed on a batch of "
+                f"{what}: {' '.join(str(exc).split())[:240]}"
             ) from exc
         return torch.from_numpy(value)
 
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: Inputs) -> torch.Tensor:
         """Return float logits ``[n, num_classes]`` on the CPU (the softmax input, if any)."""
         values = as_logits(self._run(self.logits_tensor, batch), file=self.path)
         if self.info.softmax is None and looks_like_probabilities(values):
             raise refuse_probabilities(self.path)
         return values
 
-    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor | None:
+    def _probabilities(self, batch: Inputs) -> torch.Tensor | None:
         if self.info.softmax is None:
             return None
         return self._run(self.output, batch).float()
 
-    def _probe(self, batch_size: int) -> torch.Tensor:
+    def _probe(self, batch_size: int) -> Inputs:
+        made = {str(spec.name): self._probe_input(spec, batch_size) for spec in self.input_specs}
+        return made if len(made) > 1 else next(iter(made.values()))
+
+    def _probe_input(self, spec: InputSpec, batch_size: int) -> torch.Tensor:
         import torch
 
-        if not self.input_spec.shape:
+        if not spec.shape:
             raise TeacherError(
-                f"{self.path}: the model does not record its input shape, so no "
-                "probe batch can be made; pass probe= to bake_temperature"
+                f"{self.path}: the model does not record the shape of its input {spec.name!r}, "
+                "so no probe batch can be made; pass probe= to bake_temperature"
             )
-        shape = [
-            batch_size if i == 0 else (d or _DYNAMIC_SIZE)
-            for i, d in enumerate(self.input_spec.shape)
-        ]
-        float_like = self.input_spec.dtype in FLOAT_TYPES.values()
-        return expand_sample(
-            torch.zeros(shape, dtype=torch.float32 if float_like else torch.int64), batch_size
-        )
+        shape = [batch_size if i == 0 else (d or _DYNAMIC_SIZE) for i, d in enumerate(spec.shape)]
+        float_like = spec.dtype in FLOAT_TYPES.values()
+        zeros = torch.zeros(shape, dtype=torch.float32 if float_like else torch.int64)
+        return probe_input(str(spec.name), zeros, batch_size)
 
 
 def _reshape_hint(dims: Sequence[int]) -> str:
@@ -243,18 +264,16 @@ def load(
     model = read_model(path)
     external_tensors(model, path.parent)  # before onnxruntime follows any location
     inputs = real_inputs(model)
-    if len(inputs) != 1:
-        names = ", ".join(v.name for v in inputs)
-        raise TeacherError(
-            f"{path}: the model takes {len(inputs)} inputs ({names}); teachers "
-            "with exactly one input are supported"
+    if not inputs:
+        raise TeacherError(f"{path}: the model takes no inputs; a teacher needs at least one")
+    specs = [
+        InputSpec(
+            name=value.name,
+            shape=value_shape(value) or (),
+            dtype=str(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)),
         )
-    elem = inputs[0].type.tensor_type.elem_type
-    spec = InputSpec(
-        name=inputs[0].name,
-        shape=value_shape(inputs[0]) or (),
-        dtype=str(helper.tensor_dtype_to_np_dtype(elem)),
-    )
+        for value in inputs
+    ]
     info = choose_output(model, output, file=path)
     notes = distribution_notes()
     if arch:
@@ -293,7 +312,7 @@ def load(
             "onnxruntime could not start CUDAExecutionProvider (CUDA/cuDNN libraries "
             "missing or mismatched); running the teacher on CPU"
         )
-    return OnnxTeacher(path, session, info, spec, running, where, notes)
+    return OnnxTeacher(path, session, info, specs, running, where, notes)
 
 
 def bake(teacher: OnnxTeacher, temperature: float, staged: Path, *, head: str | None) -> BakedFiles:

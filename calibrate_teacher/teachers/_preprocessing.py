@@ -17,6 +17,11 @@ stacks under the CLI flags (``model_layers=``), lowest first; the first one foun
      reproduce is refused with an :class:`InputError`, never approximated;
 2. the sidecar the user wrote: ``<model stem>.preprocess.json``, else ``preprocess.json``.
 
+A Hugging Face model directory is read from inside: its ``preprocessor_config.json`` is the
+metadata, ``preprocess.json`` in it the sidecar; its class names are ``classes.txt`` in it, else
+``config.json`` ``id2label`` in index order (transformers' placeholder ``LABEL_0``,
+``LABEL_1``... are no names: the directory then carries none).
+
 Each layer is ``(values, origin, declared)``: the keys (raw, validated by the data side), one line
 naming the file, and whether the values are metadata the model declares (the data side refuses a
 sidecar whose ``input_size`` contradicts what the model declares).
@@ -96,7 +101,7 @@ def find_model_preprocessing(model_path: str | os.PathLike[str]) -> tuple[ModelL
     Raises:
         InputError: a file is unreadable, or holds preprocessing that cannot be represented.
     """
-    model = Path(model_path)
+    model = _anchor(Path(model_path))
     layers = list(_metadata_layers(model))
     sidecar = preprocess_sidecar(model)
     if sidecar is not None:
@@ -108,8 +113,11 @@ def find_model_preprocessing(model_path: str | os.PathLike[str]) -> tuple[ModelL
 
 
 def preprocess_sidecar(model_path: str | os.PathLike[str]) -> Path | None:
-    """``<stem>.preprocess.json`` beside the model, else ``preprocess.json``, if either exists."""
-    model = Path(model_path)
+    """``<stem>.preprocess.json`` beside the model, else ``preprocess.json``, if either exists.
+
+    For a model directory: ``preprocess.json`` (or ``model.preprocess.json``) inside it.
+    """
+    model = _anchor(Path(model_path))
     for candidate in (model.with_name(f"{model.stem}.preprocess.json"), model.with_name("preprocess.json")):
         if candidate.is_file():
             return candidate
@@ -117,13 +125,26 @@ def preprocess_sidecar(model_path: str | os.PathLike[str]) -> Path | None:
 
 
 def classes_sidecar(model_path: str | os.PathLike[str]) -> Path:
-    """Where a teacher's class list sits: ``<stem>.classes.txt`` beside the model."""
+    """Where a teacher's class list sits: ``<stem>.classes.txt`` beside the model.
+
+    For a model directory: ``classes.txt`` inside it.
+    """
     model = Path(model_path)
+    if model.is_dir():
+        return model / "classes.txt"
     return model.with_name(f"{model.stem}.classes.txt")
+
+
+def _anchor(model: Path) -> Path:
+    """The path whose siblings are a model's metadata: a directory's files are inside it."""
+    return model / "model" if model.is_dir() else model
 
 
 def find_model_classes(model_path: str | os.PathLike[str]) -> tuple[tuple[str, ...], str] | None:
     """The class names a teacher carries: ``<stem>.classes.txt``, else ONNX ``metadata_props``.
+
+    A Hugging Face model directory: ``classes.txt`` in it, else ``config.json`` ``id2label`` in
+    index order, unless those are transformers' placeholders ``LABEL_0``, ``LABEL_1``...
 
     Returns:
         ``(names, origin)``, or None when the teacher carries no class list.
@@ -139,6 +160,8 @@ def find_model_classes(model_path: str | os.PathLike[str]) -> tuple[tuple[str, .
             raise InputError(f"{file}: cannot read the class list ({exc}); one class per line") from exc
         return tuple(line.strip() for line in lines if line.strip()), f"{file} beside the model"
     model = Path(model_path)
+    if model.is_dir():
+        return _id2label(model / "config.json")
     text = _onnx_metadata(model).get(CLASSES_KEY)
     if text is None:
         return None
@@ -146,6 +169,28 @@ def find_model_classes(model_path: str | os.PathLike[str]) -> tuple[tuple[str, .
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise InputError(f"{model}: metadata_props[{CLASSES_KEY!r}] is not a JSON list of names; re-bake it")
     return tuple(names), f"metadata_props[{CLASSES_KEY!r}] of {model.name}"
+
+
+def _id2label(config: Path) -> tuple[tuple[str, ...], str] | None:
+    """``id2label`` names in index order, or None (no file, no map, or placeholders only)."""
+    if not config.is_file():
+        return None
+    data = _read_json(config)
+    mapping = data.get("id2label") if isinstance(data, dict) else None
+    if not isinstance(mapping, dict) or not mapping:
+        return None
+    try:
+        by_index = {int(k): str(v) for k, v in mapping.items()}
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{config}: id2label keys must be class indices ({exc}); re-save the model") from exc
+    if sorted(by_index) != list(range(len(by_index))):
+        raise InputError(
+            f"{config}: id2label indices are {sorted(by_index)}, not 0..{len(by_index) - 1}; re-save the model"
+        )
+    names = tuple(by_index[i] for i in range(len(by_index)))
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None  # transformers' placeholders: the model carries no names
+    return names, f"{config} id2label"
 
 
 def sidecar_input_size(model_path: str | os.PathLike[str]) -> tuple[int, ...] | None:

@@ -16,6 +16,12 @@ turn, and the first whose fold gives ``original / T`` on the probe batch is the 
 that scales the head's output (``head(x) * 3``) or averages it still bakes. A head whose weight is
 tied to another parameter is refused (the file stores the tie twice, so the fold would not
 survive loading). With ``--head NAME`` that layer is folded, after the same proof.
+
+An architecture whose ``forward`` takes two or more named parameters (``input_ids``,
+``attention_mask=None``...) is fed by name from the batch's mapping: a parameter without a default
+must be in the batch (else an error naming it and the batch's fields), one with a default may be
+absent, and an absent optional ``attention_mask`` is said in ``notes`` (the model then ran
+without a mask, which changes its numbers on padded batches).
 """
 
 from __future__ import annotations
@@ -31,8 +37,16 @@ from calibrate_teacher._device import resolve_device
 from calibrate_teacher.errors import BakeError, TeacherError
 from calibrate_teacher.teachers._arch import build_model
 from calibrate_teacher.teachers._files import PROBE_TOLERANCES, BakedFiles, detect_format
-from calibrate_teacher.teachers._torch import ModuleFn, ModuleTeacher, guess_sample, select_output
-from calibrate_teacher.teachers.base import TeacherFormat
+from calibrate_teacher.teachers._inputs import InputPlan
+from calibrate_teacher.teachers._torch import (
+    ModuleFn,
+    ModuleTeacher,
+    guess_named_sample,
+    guess_sample,
+    one_named,
+    select_output,
+)
+from calibrate_teacher.teachers.base import Inputs, TeacherFormat
 
 if TYPE_CHECKING:
     import torch
@@ -84,23 +98,38 @@ def load(
     where = resolve_device(device)
     model.eval().to(where)
 
-    def run(x: torch.Tensor) -> object:
-        with torch.inference_mode():
-            return model(x.to(where))
+    plan = forward_plan(model)
 
-    sample = guess_sample(model, run, file=path)
-    head, softmax, linears = _trace_head(model, sample.to(where), output, path)
-    logits_fn = None if softmax is None else _softmax_input(softmax, model)
+    def call(x: Inputs) -> object:
+        if isinstance(x, Mapping):
+            return model(**x)
+        return model(x)
+
+    def run(x: Inputs) -> object:
+        with torch.inference_mode():
+            return call(_to(x, where))
+
+    sample: Inputs
+    if plan is None:
+        sample = guess_sample(model, run, file=path)
+    elif len(plan.required) == 1:  # one tensor needed, the others optional: guessed as one
+        (name,) = plan.required
+        sample = {name: guess_sample(model, one_named(run, name), file=path)}
+    else:
+        sample = guess_named_sample(model, plan, run, file=path)
+    head, softmax, linears = _trace_head(model, call, _to(sample, where), output, path)
+    logits_fn = None if softmax is None else _softmax_input(softmax, call)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     teacher = ArchTeacher(
         path,
         fmt,
-        model,
+        model if plan is None else call,
         device=where,
         output=output,
         input_dtype=dtype,
         logits_fn=logits_fn,
         sample=sample,
+        plan=plan,
     )
     teacher.model = model
     teacher.head = head
@@ -200,8 +229,27 @@ def _check_keys(
         )
 
 
+def forward_plan(model: torch.nn.Module) -> InputPlan | None:
+    """The named inputs of a ``forward`` with two or more named parameters; None for one tensor.
+
+    A parameter with a default is optional (``attention_mask=None``): the batch may lack it.
+    """
+    from calibrate_teacher.teachers._memory import signature_of
+
+    sig = signature_of(model)
+    if sig.names is None or len(sig.names) < 2:
+        return None
+    return InputPlan.of(sig.names, required=sig.required)
+
+
+def _to(x: Inputs, device: str) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
+
+
 def _trace_head(
-    model: torch.nn.Module, sample: torch.Tensor, output: str | None, path: Path
+    model: torch.nn.Module, call: ModuleFn, sample: Inputs, output: str | None, path: Path
 ) -> tuple[str | None, torch.nn.Softmax | None, list[str]]:
     """Run ``sample`` with hooks: the Linear producing the logits, a final Softmax, every Linear."""
     import torch
@@ -219,7 +267,7 @@ def _trace_head(
     ]
     try:
         with torch.inference_mode():
-            target = select_output(model(sample), output, file=path)
+            target = select_output(call(sample), output, file=path)
     finally:
         for handle in handles:
             handle.remove()
@@ -244,14 +292,14 @@ def _trace_head(
     return head, softmax, linears
 
 
-def _softmax_input(softmax: torch.nn.Softmax, model: torch.nn.Module) -> ModuleFn:
-    """A function that runs ``model`` and returns the input of its final Softmax module."""
+def _softmax_input(softmax: torch.nn.Softmax, call: ModuleFn) -> ModuleFn:
+    """A function that runs the model and returns the input of its final Softmax module."""
 
-    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+    def logits_fn(x: Inputs) -> torch.Tensor:
         seen: list[torch.Tensor] = []
         handle = softmax.register_forward_hook(lambda m, i, o: seen.append(i[0]))
         try:
-            model(x)
+            call(x)
         finally:
             handle.remove()
         return seen[-1]

@@ -1,11 +1,12 @@
 """What the three PyTorch backends share: running a module, picking its logits, probing it.
 
 TorchScript, torch.export and safetensors + architecture teachers are all "a callable that takes
-one tensor"; :class:`ModuleTeacher` turns such a callable into a :class:`Teacher`. Outputs may be
-a tensor, a tuple/list (``--output 1`` picks an index) or a mapping (``--output NAME``, default
-``logits``, as Hugging Face models return). They take one unnamed tensor (``input_names`` is
-None); a mapping batch gives them its one entry (see
-:func:`~calibrate_teacher.teachers.base.single_input`).
+one tensor, or the mapping of its named inputs"; :class:`ModuleTeacher` turns such a callable into
+a :class:`Teacher`. Outputs may be a tensor, a tuple/list (``--output 1`` picks an index) or a
+mapping (``--output NAME``, default ``logits``, as Hugging Face models return). A model with one
+input takes one unnamed tensor (``input_names`` is None; a mapping batch gives it its one entry,
+see :func:`~calibrate_teacher.teachers.base.single_input`); a model with several has
+``input_names`` and is fed by name (:mod:`~calibrate_teacher.teachers._inputs`).
 
 A model that runs only on some batch sizes gets ``batch_rows`` and runs in chunks, and a teacher
 that records its input shape refuses other shapes with one line: both are in
@@ -26,12 +27,14 @@ from typing import TYPE_CHECKING, Literal
 
 from calibrate_teacher.errors import TeacherError
 from calibrate_teacher.teachers._batching import BatchRows, check_input_shape, run_in_chunks
+from calibrate_teacher.teachers._inputs import InputPlan, feed_inputs
 from calibrate_teacher.teachers.base import Inputs, InputSpec, TeacherFormat, single_input
 
 if TYPE_CHECKING:
     import torch
 
-ModuleFn = Callable[["torch.Tensor"], object]
+#: A model call: one tensor in, or (a multi-input model) the mapping of its named inputs.
+ModuleFn = Callable[[Inputs], object]
 #: Which entry of an in-memory model's output holds the logits: a key, an attribute, an index.
 Output = str | int | None
 _Where = tuple[Literal["self", "key", "index", "attr"], object]
@@ -115,10 +118,11 @@ class ModuleTeacher:
 
     ``logits()`` moves the batch to :attr:`device` (cast to :attr:`input_dtype` when both are
     floating point) and returns float logits on :attr:`device` (float32 for half models).
-    """
 
-    #: One unnamed tensor input.
-    input_names: tuple[str, ...] | None = None
+    A model with several inputs has a ``plan`` (:class:`~calibrate_teacher.teachers._inputs.InputPlan`):
+    it is fed by name from the batch's mapping, and ``fn`` is called with the mapping of its
+    inputs (each backend turns that into its own call: keywords, or the program's positions).
+    """
 
     def __init__(
         self,
@@ -129,43 +133,66 @@ class ModuleTeacher:
         device: str,
         output: str | None,
         input_dtype: torch.dtype | None,
-        sample: torch.Tensor,
+        sample: Inputs,
         logits_fn: ModuleFn | None = None,
         input_spec: InputSpec | None = None,
         notes: list[str] | None = None,
         batch_rows: BatchRows | None = None,
+        plan: InputPlan | None = None,
+        input_specs: Sequence[InputSpec] = (),
     ) -> None:
         self.path = path
         self.format: TeacherFormat = fmt
         self.device = device
         self.output = output
         self.input_dtype = input_dtype
-        self.input_spec = input_spec
+        self.input_specs: tuple[InputSpec, ...] = tuple(input_specs) or (
+            (input_spec,) if input_spec is not None else ()
+        )
+        self.input_spec = input_spec if input_spec is not None else next(iter(self.input_specs), None)
+        #: The model's input names when it takes several (fed by name); None for one tensor.
+        self.input_names: tuple[str, ...] | None = plan.names if plan is not None else None
         self.notes = notes if notes is not None else []
         #: The batch sizes the model runs on (None: any); other batches run in chunks.
         self.batch_rows = batch_rows
+        self._plan = plan
         self._fn = fn
         # When the model ends in a softmax we can see, logits_fn returns its input (the logits
         # tensor itself, already selected) and fn's output is the probabilities.
         self._logits_fn = logits_fn
         self._sample = sample
+        self._loading = True  # the load-time sample is ours: nothing to note about its fields
         raw = self._raw(sample)
+        self._loading = False
         self.precision = str(raw.dtype).removeprefix("torch.")
         self.num_classes = int(self._checked(raw).shape[1])
 
-    def _run(self, fn: ModuleFn, batch: torch.Tensor, *, select: bool = True) -> torch.Tensor:
-        import torch
-
-        x = batch.to(self.device)
+    def _move(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
         if (
             self.input_dtype is not None
             and self.input_dtype.is_floating_point
             and x.is_floating_point()
         ):
             x = x.to(self.input_dtype)
-        check_input_shape(x, self.input_spec, file=self.path, fix=self._reshape_hint)
+        return x
 
-        def chunk(rows: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn: ModuleFn, batch: Inputs, *, select: bool = True) -> torch.Tensor:
+        import torch
+
+        x: Inputs
+        if self._plan is not None:
+            notes = [] if self._loading else self.notes
+            named = feed_inputs(batch, self._plan, where=self.path, notes=notes)
+            x = {k: self._move(v) for k, v in named.items()}
+            for spec in self.input_specs:
+                if spec.name in x:
+                    check_input_shape(x[spec.name], spec, file=self.path, fix=self._reshape_hint)
+        else:
+            x = self._move(single_input(batch, name=None, where=self.path))
+            check_input_shape(x, self.input_spec, file=self.path, fix=self._reshape_hint)
+
+        def chunk(rows: Inputs) -> torch.Tensor:
             with torch.inference_mode():
                 out = fn(rows)
             if not select and isinstance(out, torch.Tensor):
@@ -178,7 +205,7 @@ class ModuleTeacher:
         """How to make the model take other sizes in ``dims`` (appended to the shape error)."""
         return f"export the model with dimension(s) {', '.join(map(str, dims))} dynamic"
 
-    def _raw(self, batch: torch.Tensor) -> torch.Tensor:
+    def _raw(self, batch: Inputs) -> torch.Tensor:
         if self._logits_fn is not None:
             return self._run(self._logits_fn, batch, select=False)
         return self._run(self._fn, batch)
@@ -191,15 +218,15 @@ class ModuleTeacher:
 
     def logits(self, batch: Inputs) -> torch.Tensor:
         """Return the pre-softmax logits ``[n, num_classes]`` on :attr:`device`."""
-        return self._checked(self._raw(single_input(batch, name=None, where=self.path)))
+        return self._checked(self._raw(batch))
 
-    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor | None:
+    def _probabilities(self, batch: Inputs) -> torch.Tensor | None:
         if self._logits_fn is None:
             return None
         return self._run(self._fn, batch).float()
 
-    def _probe(self, batch_size: int) -> torch.Tensor:
-        return expand_sample(self._sample, batch_size)
+    def _probe(self, batch_size: int) -> Inputs:
+        return expand_inputs(self._sample, batch_size)
 
 
 def expand_sample(sample: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -212,6 +239,77 @@ def expand_sample(sample: torch.Tensor, batch_size: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(sample.dtype)
     high = max(int(sample.max()) + 1, 2) if sample.numel() else 2
     return torch.randint(0, high, shape, generator=gen, dtype=sample.dtype)
+
+
+def probe_input(name: str, sample: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A probe for the input called ``name``: :func:`expand_sample`, but a mask is all ones.
+
+    An integer or bool mask of random 0/1 could leave a row with no token at all.
+    """
+    import torch
+
+    if "mask" in name and not sample.is_floating_point():
+        return torch.ones((batch_size, *sample.shape[1:]), dtype=sample.dtype)
+    return expand_sample(sample, batch_size)
+
+
+def one_named(run: ModuleFn, name: str) -> ModuleFn:
+    """``run`` given one tensor as the named input ``name`` (to guess that input's shape)."""
+
+    def call(x: Inputs) -> object:
+        return run({name: x} if not isinstance(x, Mapping) else x)
+
+    return call
+
+
+def expand_inputs(sample: Inputs, batch_size: int) -> Inputs:
+    """:func:`expand_sample` for one tensor, :func:`probe_input` for each named input."""
+    if isinstance(sample, Mapping):
+        return {k: probe_input(k, v, batch_size) for k, v in sample.items()}
+    return expand_sample(sample, batch_size)
+
+
+def guess_named_sample(
+    module: torch.nn.Module, plan: InputPlan, run: ModuleFn, *, file: Path
+) -> dict[str, torch.Tensor]:
+    """Find named inputs a multi-input model accepts (a TorchScript file records no shapes).
+
+    Only a model whose first layer is an ``nn.Embedding`` (a text model) is guessed: every
+    required input becomes int64 ``[2, 8]``, ids ``1`` and masks ones.
+
+    Raises:
+        TeacherError: another first layer, or the guess does not run.
+    """
+    import torch
+
+    first = next(
+        (
+            (name, getattr(sub, "original_name", type(sub).__name__), sub)
+            for name, sub in module.named_modules()
+            if isinstance(getattr(sub, "weight", None), torch.Tensor)
+        ),
+        None,
+    )
+    reason = "no first layer with weights"
+    if first is not None and first[1] == "Embedding":
+        vocab = int(first[2].weight.shape[0])
+        sample = {
+            n: torch.ones((2, 8), dtype=torch.long) * (1 if "mask" in n else min(vocab, 2) - 1)
+            for n in plan.required
+        }
+        try:
+            with torch.inference_mode():
+                run(sample)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            reason = f"int64 (2, 8) inputs fail: {str(exc).splitlines()[0][:80]}"
+        else:
+            return sample
+    elif first is not None:
+        reason = f"first layer {first[0] or 'the model'} ({first[1]})"
+    raise TeacherError(
+        f"{file}: cannot work out the shapes of its inputs {', '.join(plan.names)} to probe the "
+        f"model ({reason}); save it as ONNX or torch.export, which record their input shapes"
+    )
 
 
 def guess_sample(module: torch.nn.Module, run: ModuleFn, *, file: Path) -> torch.Tensor:

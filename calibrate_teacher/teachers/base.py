@@ -19,7 +19,7 @@ from calibrate_teacher.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-TeacherFormat = Literal["onnx", "torchscript", "safetensors", "state_dict", "export", "module"]
+TeacherFormat = Literal["onnx", "torchscript", "safetensors", "state_dict", "export", "module", "hf"]
 
 #: A batch of teacher inputs: one tensor, or named tensors for a teacher with several inputs.
 Inputs: TypeAlias = "torch.Tensor | Mapping[str, torch.Tensor]"
