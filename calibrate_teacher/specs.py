@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from calibrate_teacher.data.base import DataSource
     from calibrate_teacher.data.preprocess import PreprocessConfig
     from calibrate_teacher.teachers.base import Teacher
+    from calibrate_teacher.tokens.teacher import TokenTeacher
 
 __all__ = ["DataSpec", "Device", "TeacherSpec", "TextOptions"]
 
@@ -120,6 +121,22 @@ class TeacherSpec:
                 "yourself (module.to(device)) or leave device='auto'"
             )
         return model
+
+    def load_tokens(self) -> TokenTeacher:
+        """Load a token-level teacher: a causal LM or a token classifier.
+
+        A Hugging Face directory, an ONNX file or an in-memory model; see
+        :func:`~calibrate_teacher.tokens.teacher.load_token_teacher`.
+        """
+        from calibrate_teacher.tokens.teacher import load_token_teacher
+
+        if self.arch is not None or self.head is not None or self.output is not None:
+            given = [n for n, v in (("arch", self.arch), ("head", self.head), ("output", self.output)) if v]
+            raise InvalidValueError(f"{', '.join(given)}: do not apply to token-level (language-model) teachers")
+        return load_token_teacher(
+            self.path if self.path is not None else self.source, device=self.device,
+            trust_remote_code=self.trust_remote_code,
+        )
 
 
 @dataclass(frozen=True)
@@ -290,5 +307,45 @@ class DataSpec:
             self.path, tokenizer=tokenizer, text_field=text.text_field, text_pair_field=text.text_pair_field,
             label_field=text.label_field, id_field=text.id_field, max_length=text.max_length,
             class_names=names, class_names_origin=origin, sort_by_length=text.sort_by_length,
+            trust_remote_code=trust_remote_code,
+        )
+
+    def open_tokens(self, teacher: TokenTeacher, *, trust_remote_code: bool = False) -> DataSource:
+        """Open the data as token sequences for a token-level ``teacher``.
+
+        Text rows (plain text, prompt/completion, chat messages, or words + tags for a token
+        classifier) are tokenised with ``text.tokenizer`` or the teacher directory's own
+        tokenizer; array files hold pre-tokenised ``input_ids``, ``attention_mask`` and
+        ``labels`` ``[N, S]``; an iterable's batches are used as they come.
+        """
+        from calibrate_teacher.data import as_source, open_data
+        from calibrate_teacher.data._records import is_record_data
+
+        if self.path is None:
+            return as_source(self.source)  # type: ignore[arg-type]
+        if not is_record_data(self.path):
+            return open_data(self.path)
+        from calibrate_teacher.data.tokens import open_token_text
+
+        text = self.text or TextOptions()
+        tokenizer = text.tokenizer
+        if tokenizer is None:
+            if not teacher.path.is_dir():
+                raise InvalidValueError(
+                    f"{self.path}: text data needs a tokenizer; {teacher.path.name} is not a Hugging Face "
+                    "directory with one, so give --tokenizer DIR (tokenizer=... in TextOptions)"
+                )
+            tokenizer = teacher.path
+        names = teacher.class_names if teacher.task == "token-classification" else None
+        if self.classes is not None:
+            from calibrate_teacher.data import read_class_list
+
+            listed = self.classes
+            names = read_class_list(listed) if isinstance(listed, str | os.PathLike) else tuple(listed)
+        return open_token_text(
+            self.path, tokenizer=tokenizer, task=teacher.task, text_field=text.text_field,
+            prompt_field=text.prompt_field, completion_field=text.completion_field,
+            messages_field=text.messages_field, completion_only=text.completion_only, id_field=text.id_field,
+            max_length=text.max_length, class_names=names, sort_by_length=text.sort_by_length,
             trust_remote_code=trust_remote_code,
         )

@@ -47,7 +47,7 @@ def _given(name: str) -> bool:
         from typer._click.globals import get_current_context
     except ImportError:  # a Typer that uses click itself
         from click.core import ParameterSource  # type: ignore[assignment]
-        from click.globals import get_current_context  # type: ignore[assignment]
+        from click.globals import get_current_context  # type: ignore[no-redef]
 
     ctx = get_current_context(silent=True)
     if ctx is None:
@@ -75,7 +75,7 @@ def _options(detection: DetectionArgs) -> DetectionOptions:
 
 
 def _point(detection: DetectionArgs) -> dict[str, object] | None:
-    values = {
+    values: dict[str, object] = {
         "score_threshold": detection.score_threshold,
         "max_detections": detection.max_detections,
         "nms_iou": detection.nms_iou,
@@ -294,6 +294,7 @@ def export_soft_labels(
             overwrite=overwrite, progress=advance,
         )  # fmt: skip
     _notes(run.notes)
+    _preprocessing(run.data)
     if json_output:
         print_json(run.to_json())
         return

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from calibrate_teacher.cli import _data_options as do
-from calibrate_teacher.cli import _detection
+from calibrate_teacher.cli import _detection, _tokens
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._common import (
     precheck_outputs,
@@ -73,11 +73,19 @@ def evaluate(
             save_logits=save_logits, overwrite=overwrite,
         )  # fmt: skip
     from calibrate_teacher.jobs import evaluate as run_evaluate
+    from calibrate_teacher.jobs._route import task_of
     from calibrate_teacher.report import evaluation_document, metrics_table, reliability_text
 
     if teacher is not None and logits is not None:
         raise typer.BadParameter("give TEACHER with --data, or --logits alone (the teacher is not run on --logits)")
     precheck_outputs(report, overwrite=overwrite, diagram=diagram)
+    if teacher_spec is not None and data_spec is not None and task_of(teacher_spec, data_spec) == "tokens":
+        if diagram is not None or save_logits is not None:
+            raise typer.BadParameter("--diagram and --save-logits do not apply to token-level teachers")
+        return _tokens.evaluate(  # a causal LM or token classifier: metrics over scored tokens
+            teacher_spec, data_spec, temperature=temperature, n_bins=n_bins, json_output=json_output,
+            report=report, overwrite=overwrite,
+        )
     with teacher_progress(logits is None) as advance:
         result = run_evaluate(
             teacher_spec, data_spec, logits=logits, labels=labels, temperature=temperature, n_bins=n_bins,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from calibrate_teacher.cli import _detection
+from calibrate_teacher.cli import _detection, _tokens
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._console import note, out, print_json
 from calibrate_teacher.cli._detection_options import DetectionArgs, detection_group
@@ -118,6 +118,7 @@ def export_soft_labels(
     from calibrate_teacher.cli._progress import progress_bar
     from calibrate_teacher.cli.inspect_cache import cache_table
     from calibrate_teacher.jobs import export_soft_labels
+    from calibrate_teacher.jobs._route import task_of
     from calibrate_teacher.soft_labels import Calibration, describe_cache
 
     if (temperature is None) == (from_report is None):
@@ -129,6 +130,12 @@ def export_soft_labels(
         calibration = Calibration(temperature)
     assert teacher_spec is not None
     assert data_spec is not None
+    if task_of(teacher_spec, data_spec) == "tokens":  # a causal LM / token classifier: a row per scored token
+        return _tokens.export(
+            teacher_spec, data_spec, out_dir, calibration=calibration, top_k=top_k,
+            shard_rows=None if shard_rows == DEFAULT_SHARD_ROWS else shard_rows, overwrite=overwrite,
+            resume=resume, json_output=json_output,
+        )
     main_rank = distributed_context().is_main
     notes: list[str] = []
 

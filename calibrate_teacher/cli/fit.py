@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from calibrate_teacher.cli import _data_options as do
-from calibrate_teacher.cli import _detection
+from calibrate_teacher.cli import _detection, _tokens
 from calibrate_teacher.cli import _options as o
 from calibrate_teacher.cli._common import (
     precheck_outputs,
@@ -96,11 +96,20 @@ def fit(
             json_output=json_output, report=report, diagram=diagram, save_logits=save_logits, overwrite=overwrite,
         )  # fmt: skip
     from calibrate_teacher.jobs import calibrate
+    from calibrate_teacher.jobs._route import task_of
     from calibrate_teacher.report import fit_document, fit_summary, metrics_table, reliability_text, sweep_table
 
     if out is not None and teacher is None:
         raise typer.BadParameter("--out needs a TEACHER model to bake")
     precheck_outputs(report, overwrite=overwrite, diagram=diagram)
+    if teacher_spec is not None and data_spec is not None and task_of(teacher_spec, data_spec) == "tokens":
+        if diagram is not None or save_logits is not None:
+            raise typer.BadParameter("--diagram and --save-logits do not apply to token-level teachers")
+        return _tokens.fit(  # a causal LM or token classifier: T over scored tokens, exact at any vocabulary
+            teacher_spec, data_spec, objective="fixed" if temperature is not None else objective,
+            temperature=temperature, bounds=bounds, grid=grid, n_bins=n_bins, out=out, bake=not no_bake,
+            json_output=json_output, report=report, overwrite=overwrite,
+        )
     with teacher_progress(logits is None) as advance:
         run = calibrate(
             teacher_spec, data_spec, logits=logits, labels=labels,

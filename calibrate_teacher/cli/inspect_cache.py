@@ -86,7 +86,9 @@ def cache_table(description: CacheDescription) -> Table:
         ("teacher", f"{m.teacher.get('file', '?')} ({m.teacher.get('format', '?')}, "
                     f"sha256 {str(m.teacher.get('sha256', '?'))[:12]})"),
         ("data", _data_text(m.data)),
-        ("samples x classes", f"{m.num_samples:,} x {m.num_classes:,}"),
+        (("sequences, tokens x vocabulary", f"{m.num_samples:,}, {int(m.data.get('num_tokens') or 0):,} x "
+          f"{m.num_classes:,}") if m.layout.unit == "token" else ("samples x classes",
+                                                                    f"{m.num_samples:,} x {m.num_classes:,}")),
         ("temperature T", f"{m.temperature:.4g} ({how}); values stored = logits / T"),
         ("layout", f"{layout}, full-row logsumexp in float32"),
         ("shards", f"{m.num_shards} of up to {m.layout.shard_rows:,} rows"),

@@ -14,7 +14,10 @@ script calls the same jobs directly::
 
     ct.export_soft_labels("teacher.onnx", "train/", "cache/", temperature=run.fit.temperature)
 
-    run = calibrate_detector("detector.onnx", "coco/annotations.json", bake=True)   # detection (#14)
+    from calibrate_teacher.jobs import calibrate_detector          # detection teachers (#14)
+
+    run = calibrate_detector("detector.onnx", "coco/annotations.json", bake=True)
+    print(run.fit.temperature, run.after.dece.dece, run.baked.path)
 
 Every job checks its outputs are writable before the teacher runs.
 """

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate_teacher.detection.base import Detections, DetectionTeacher, OperatingPoint, to_original
 from calibrate_teacher.errors import InputError, InvalidValueError, MissingDependencyError
+from calibrate_teacher.jobs._detection_bake import bake_detector, bake_target
 from calibrate_teacher.jobs._detection_results import DetectorCalibration, DetectorEvaluation
 from calibrate_teacher.specs import DataSpec, TeacherSpec
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from calibrate_teacher.detection.bake import DetectorBake
     from calibrate_teacher.detection.candidates import CandidatePool
     from calibrate_teacher.detection.coco import CocoSource
     from calibrate_teacher.detection.fit import DetectionObjective
@@ -344,7 +343,7 @@ def calibrate_detector(
     model, source, point, floor, notes, batch, procs = _start(
         teacher, data, options, operating_point, candidate_floor, batch_size, workers
     )
-    target = _bake_target(model, out, overwrite) if bake else None
+    target = bake_target(model, out, overwrite) if bake else None
     pool, more = _collect(
         model,
         source,
@@ -382,7 +381,7 @@ def calibrate_detector(
     baked = None
     if target is not None:
         kwargs = teacher.arch_kwargs if isinstance(teacher, TeacherSpec) else None
-        baked = _bake(model, source, fit.temperature, target, overwrite, options, kwargs)
+        baked = bake_detector(model, source, fit.temperature, target, overwrite, options, kwargs)
         notes += [n for n in baked.notes if n not in notes]
     return DetectorCalibration(
         teacher=_teacher_info(model),
@@ -394,33 +393,3 @@ def calibrate_detector(
         notes=tuple(notes + more + map_notes),
         baked=baked,
     )
-
-
-def _bake_target(teacher: DetectionTeacher, out: str | os.PathLike[str] | None, overwrite: bool) -> Path:
-    from calibrate_teacher._io import check_output
-    from calibrate_teacher.baking import default_baked_path
-
-    target = default_baked_path(Path(teacher.path)) if out is None else Path(out)
-    check_output(target, overwrite=overwrite)
-    return target
-
-
-def _bake(
-    teacher: DetectionTeacher,
-    source: CocoSource,
-    temperature: float,
-    target: Path,
-    overwrite: bool,
-    options: DetectionOptions | None,
-    arch_kwargs: Mapping[str, object] | str | None,
-) -> DetectorBake:
-    from calibrate_teacher.detection.bake import bake_detector_temperature
-
-    opts = options
-    return bake_detector_temperature(
-        teacher.path, temperature, out=target, overwrite=overwrite, probe=source.batches(batch_size=2),
-        arch=getattr(teacher, "arch", None), arch_kwargs=arch_kwargs, head=teacher.head, background=teacher.background,
-        boxes_output=None if opts is None else opts.boxes_output,
-        scores_output=None if opts is None else opts.scores_output,
-        class_layer=getattr(teacher, "class_layer", None), device=teacher.device,
-    )  # fmt: skip

@@ -7,8 +7,9 @@ The jobs take a loaded :class:`~calibrate_teacher.detection.base.DetectionTeache
 data need beyond those specs. The preprocessing of a COCO source opened here comes from, in
 order: ``DataSpec.preprocess`` (a JSON file), ``<model>.preprocess.json`` / ``preprocess.json``
 beside the teacher, the model's own input size (an ONNX graph's static height and width, or
-ultralytics' ``imgsz`` metadata), defaults; ``DataSpec.overrides`` (``--input-size``,
-``--mean``, ``--std``) win over all of them. The source is named in the data's description.
+ultralytics' ``imgsz`` metadata; an ultralytics export is letterboxed), defaults;
+``DataSpec.overrides`` (``--input-size``, ``--mean``, ``--std``) win over all of them. The source
+is named in the data's description.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def open_detection_teacher(
         return teacher
     from calibrate_teacher.detection.load import load_detection_teacher
 
+    if not isinstance(teacher, TeacherSpec | str | os.PathLike):
+        raise InvalidValueError(
+            f"teacher: expected a loaded detection teacher (detect(images) -> Detections) or its file, "
+            f"got {type(teacher).__name__}"
+        )
     spec = TeacherSpec.of(teacher)
     if spec.path is None:
         raise InvalidValueError(
@@ -133,7 +139,7 @@ def _classes(teacher: DetectionTeacher, spec: DataSpec) -> tuple[tuple[str, ...]
     if spec.classes is not None:
         return tuple(spec.classes), "the given class list"
     if teacher.class_names is not None:
-        return teacher.class_names, f"the class names of {Path(teacher.path).name}"
+        return teacher.class_names, "the teacher's class names"
     return None, ""
 
 
@@ -157,6 +163,9 @@ def _preprocess(teacher: DetectionTeacher, spec: DataSpec) -> tuple[dict[str, ob
         if size is not None:
             values = {"input_size": [int(size[0]), int(size[1])]}
             origin = f"the input size of {Path(teacher.path).name}"
+            if getattr(teacher, "layout", None) == "ultralytics":  # ultralytics letterboxes what it detects on
+                values["mode"] = "letterbox"
+                origin = f"the input size of {Path(teacher.path).name}, letterboxed as ultralytics does"
     overrides = dict(spec.overrides or {})
     refused = [k for k in _CLASSIFICATION_ONLY if k in overrides]
     if refused:

@@ -93,20 +93,25 @@ def export_token_soft_labels(
     """
     from calibrate_teacher._device import resolve_device
     from calibrate_teacher._distributed import distributed_context, process_group, rank_device
+    from calibrate_teacher.specs import DataSpec, TeacherSpec
     from calibrate_teacher.tokens.teacher import load_token_teacher
 
     if batch_size < 1:
         raise InvalidValueError(f"batch_size {batch_size}: must be at least 1")
-    batches = getattr(data, "batches", None)
-    if not callable(batches) or not hasattr(data, "__len__"):
-        raise InputError(
-            f"data: {type(data).__name__} cannot be read by row; open the file with "
-            "calibrate_teacher.data.tokens.open_token_text (a resumable export re-reads rows by position)"
-        )
+    spec = teacher if isinstance(teacher, TeacherSpec) else None
+    if spec is not None:  # the CLI's specs: the device and remote-code consent ride on them
+        teacher, device = (spec.path if spec.path is not None else spec.source), spec.device
+    data_spec = data if isinstance(data, DataSpec) else None
+    if data_spec is None:
+        _check_rows(data)
     calibration = temperature if isinstance(temperature, Calibration) else Calibration(temperature)
     dev = resolve_device(rank_device(device, distributed_context()))
     with process_group(dev) as context, claim_output(out, context=context) as claim:
-        model = load_token_teacher(teacher, device=dev)
+        model = load_token_teacher(teacher, device=dev, trust_remote_code=spec.trust_remote_code if spec else False)
+        if data_spec is not None:
+            data = data_spec.open_tokens(model, trust_remote_code=spec.trust_remote_code if spec else False)
+            _check_rows(data)
+        batches = data.batches  # type: ignore[attr-defined]
         notes: list[str] = list(model.notes)
         use_head = model.head is not None and model.task == "causal-lm"
         vocab = model.head.vocab_size if model.head is not None else model.vocab_size
@@ -116,7 +121,7 @@ def export_token_soft_labels(
         description = getattr(data, "description", None)
         described = dict(description) if isinstance(description, dict) else {"kind": type(data).__name__}
         manifest = plan_token_manifest(
-            num_sequences=len(data),
+            num_sequences=len(data),  # type: ignore[arg-type]  # _check_rows: it has a length
             vocab_size=int(vocab),
             temperature=calibration,
             teacher=_teacher_block(model, teacher),
@@ -272,3 +277,12 @@ def _fingerprint(model: TokenTeacher, source: object) -> str:
         digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _check_rows(data: object) -> None:
+    """Refuse data that cannot be re-read by row position (a resumable export needs that)."""
+    if not callable(getattr(data, "batches", None)) or not hasattr(data, "__len__"):
+        raise InputError(
+            f"data: {type(data).__name__} cannot be read by row; open the file with "
+            "calibrate_teacher.data.tokens.open_token_text (a resumable export re-reads rows by position)"
+        )

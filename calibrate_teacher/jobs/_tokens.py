@@ -24,6 +24,7 @@ from calibrate_teacher._version import tool_version
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from calibrate_teacher.baking import BakeResult
     from calibrate_teacher.temperature import Objective
     from calibrate_teacher.tokens._collect import Collected, Progress
     from calibrate_teacher.tokens.fit import TokenFit
@@ -158,6 +159,7 @@ class TokenCalibrationRun:
         task: ``causal-lm`` or ``token-classification``.
         seconds: ``{"inference": s, "fit": s}`` wall times.
         notes: Things the user should know (the store, the head check, defaults used).
+        baked: The baked Hugging Face directory (``bake=True``), else None.
     """
 
     teacher: dict[str, object]
@@ -166,6 +168,7 @@ class TokenCalibrationRun:
     task: str
     seconds: dict[str, float]
     notes: tuple[str, ...] = field(default=())
+    baked: BakeResult | None = None
 
     @property
     def temperature(self) -> float:
@@ -188,13 +191,27 @@ class TokenCalibrationRun:
             "seconds": dict(self.seconds),
         }
         doc.update(self.fit.to_json())
+        doc["baked"] = self.baked.to_json() if self.baked is not None else None
         return doc
 
 
 def _open(teacher: object, task: str | None, device: str) -> TokenTeacher:
+    from calibrate_teacher.specs import TeacherSpec
     from calibrate_teacher.tokens.teacher import load_token_teacher
 
+    if isinstance(teacher, TeacherSpec):  # the CLI's: device and trust_remote_code ride on the spec
+        return teacher.load_tokens()
     return load_token_teacher(teacher, task=task, device=device)  # type: ignore[arg-type]
+
+
+def _open_data(teacher: object, data: object, model: TokenTeacher, batch_size: int) -> tuple[object, int]:
+    """A :class:`~calibrate_teacher.DataSpec` opened as token sequences (with its batch size); else ``data``."""
+    from calibrate_teacher.specs import DataSpec, TeacherSpec
+
+    if not isinstance(data, DataSpec):
+        return data, batch_size
+    trust = teacher.trust_remote_code if isinstance(teacher, TeacherSpec) else False
+    return data.open_tokens(model, trust_remote_code=trust), data.batch_size
 
 
 def evaluate_tokens(
@@ -233,6 +250,7 @@ def evaluate_tokens(
     validate_options(n_bins=n_bins)
     t = _temperature(temperature)
     model = _open(teacher, task, device)
+    data, batch_size = _open_data(teacher, data, model, batch_size)
     acc_device = model.device if model.device.startswith("cuda") else "cpu"
     collected, acc = collect_tokens(
         model, data, batch_size=batch_size, keep=False, progress=progress,
@@ -266,6 +284,9 @@ def calibrate_tokens(
     task: str | None = None,
     device: str = "auto",
     store_dir: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    bake: bool = False,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> TokenCalibrationRun:
     """Fit a sequence teacher's temperature over its scored tokens (no ``[tokens, V]`` matrix).
@@ -284,10 +305,14 @@ def calibrate_tokens(
         task: ``causal-lm`` or ``token-classification``.
         device: Where a teacher file runs.
         store_dir: Where the temporary token store goes (default: the system's temp folder).
+        out: ``bake=True``: where the baked directory goes (default ``<dir>-calibrated``).
+        bake: Bake T into a Hugging Face directory teacher (``bake_temperature``: the LM head,
+            or the final norm of a tied one), checked on the data's first sequences.
+        overwrite: Replace ``out`` if it exists.
         progress: Called after each batch of the inference pass with (tokens so far, None).
 
     Returns:
-        A :class:`TokenCalibrationRun`; bake ``run.temperature`` afterwards (see the module docstring).
+        A :class:`TokenCalibrationRun` (``baked`` set when ``bake``).
     """
     import time
 
@@ -298,7 +323,9 @@ def calibrate_tokens(
     from calibrate_teacher.tokens.metrics import TokenMetricsAccumulator
 
     validate_options(n_bins=n_bins)
+    target = _bake_target(teacher, out, overwrite=overwrite) if bake else None  # checked before the long run
     model = _open(teacher, task, device)
+    data, batch_size = _open_data(teacher, data, model, batch_size)
     acc_device = model.device if model.device.startswith("cuda") else "cpu"
     collected, acc = collect_tokens(
         model, data, batch_size=batch_size, keep=True, progress=progress,
@@ -322,9 +349,52 @@ def calibrate_tokens(
     finally:
         if isinstance(store, TokenStore):
             store.close()
+    baked = None
+    if target is not None:
+        baked = _bake(teacher, model, data, fit.temperature, target, overwrite=overwrite)
     return TokenCalibrationRun(
         teacher=_teacher_json(model), data=_data_json(data, collected), fit=fit, task=model.task,
         seconds={"inference": collected.seconds, "fit": time.perf_counter() - start}, notes=tuple(notes),
+        baked=baked,
+    )
+
+
+def _bake_target(teacher: object, out: str | os.PathLike[str] | None, *, overwrite: bool) -> Path:
+    """Where the baked directory goes, checked writable now; only a Hugging Face directory bakes."""
+    from calibrate_teacher._io import check_output
+    from calibrate_teacher.baking import default_baked_path
+    from calibrate_teacher.errors import InvalidValueError
+    from calibrate_teacher.specs import TeacherSpec
+
+    source = teacher.path if isinstance(teacher, TeacherSpec) else teacher
+    if not (isinstance(source, str | os.PathLike) and Path(source).is_dir()):
+        raise InvalidValueError(
+            "bake: only a Hugging Face model directory is baked by the token jobs; fit with bake=False "
+            "(--no-bake) and apply run.temperature yourself"
+        )
+    target = Path(out) if out is not None else default_baked_path(source)
+    return check_output(target, overwrite=overwrite, directory=True)
+
+
+def _bake(
+    teacher: object, model: TokenTeacher, data: object, temperature: float, target: Path, *, overwrite: bool
+) -> BakeResult:
+    """Bake T into the teacher directory, proven on the data's first sequences where they can be read."""
+    from calibrate_teacher.baking import bake_temperature
+    from calibrate_teacher.collect import first_inputs
+    from calibrate_teacher.data.base import DataSource
+    from calibrate_teacher.specs import TeacherSpec
+
+    spec = teacher if isinstance(teacher, TeacherSpec) else None
+    source = model.path
+    probe = None
+    if isinstance(data, DataSource) and callable(getattr(data, "batches", None)) and len(data) > 0:
+        inputs = first_inputs(data, rows=2)
+        probe = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")} if isinstance(
+            inputs, dict) else inputs
+    return bake_temperature(
+        source, temperature, target, overwrite=overwrite, device=model.device, probe=probe,
+        trust_remote_code=spec.trust_remote_code if spec is not None else False,
     )
 
 

@@ -107,8 +107,14 @@ class Collected:
 
 
 def _head_matches(teacher: TokenTeacher, inputs: TokenInputs, hidden: torch.Tensor) -> tuple[bool, float]:
-    """Whether ``head(hidden)`` equals the model's own logits on the attended positions; also the error."""
+    """Whether ``head(hidden)`` equals the model's own logits on the attended positions; also the error.
+
+    Only the batch's first sequence is checked (run alone, so the check costs ``[1, S, V]``, not
+    ``[B, S, V]`` four times over); ``hidden`` is the whole batch's and is not used.
+    """
     assert teacher.head is not None
+    inputs = {k: v[:1] for k, v in inputs.items()}
+    hidden = teacher.final_hidden(inputs)
     ref = teacher.logits(inputs)
     mask = inputs.get("attention_mask")
     keep = mask.to(ref.device) != 0 if mask is not None else None

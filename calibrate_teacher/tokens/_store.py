@@ -151,12 +151,19 @@ class TokenStore:
         return self._features
 
     def chunks(self, *, stride: int = 1) -> Iterator[Chunk]:
-        """Yield float32 logit chunks ``[rows, V]`` and their targets, every ``stride``-th token."""
+        """Yield float32 logit chunks ``[rows, V]`` and their targets, every ``stride``-th token.
+
+        A hidden-state store writes every chunk into one buffer: a chunk is valid until the next
+        is asked for (modify it in place freely; copy what must outlive it).
+        """
         import torch
 
         if self._features is None:
             raise InputError("token store: call finish() before reading it")
         rows = chunk_rows(self.vocab_size, self.device)
+        buffer = None
+        if self.head is not None:
+            buffer = torch.empty(rows * self.vocab_size, dtype=torch.float32, device=self.device)
         for first, stop in _strided(self.num_tokens, rows, stride):
             if stride == 1:
                 block, y = self._features[first:stop], self.targets[first:stop]
@@ -164,7 +171,11 @@ class TokenStore:
                 index = torch.arange(first * stride, stop * stride, stride)
                 block, y = self._features[index], self.targets[index.to(self.targets.device)]
             block = block.to(self.device, non_blocking=True)
-            z = self.head.logits(block) if self.head is not None else block.float()
+            if self.head is not None and buffer is not None:
+                out = buffer[: (stop - first) * self.vocab_size].view(stop - first, self.vocab_size)
+                z = self.head.logits(block, out=out)
+            else:
+                z = block.float()
             yield z, y
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from calibrate_teacher import _binning
-from calibrate_teacher._passes import logit_columns, safe_exp
+from calibrate_teacher._passes import logit_columns
 from calibrate_teacher.metrics import (
     DEFINITIONS,
     TACE_THRESHOLD,
@@ -119,6 +119,7 @@ class TokenMetricsAccumulator:
         self._seq: list[torch.Tensor] = []
         self._lse: list[torch.Tensor] = []
         self._y: list[torch.Tensor] = []
+        self._buffer: torch.Tensor | None = None
         small = vocab_size <= SMALL_VOCAB
         self._classwise = _binning.ClasswiseBins(vocab_size, n_bins, device=torch.device(device)) if small else None
 
@@ -126,14 +127,16 @@ class TokenMetricsAccumulator:
         """Add one chunk: logits ``z`` ``[rows, V]``, targets ``y`` and sequence ids ``[rows]``."""
         import torch
 
-        z64 = z.to(device=self.device, dtype=torch.float64)
+        if self._buffer is None or self._buffer.numel() < z.numel():
+            self._buffer = torch.empty(z.numel(), dtype=torch.float64, device=self.device)
+        z64 = self._buffer[: z.numel()].view(z.shape).copy_(z)  # one float64 buffer, reused
         y = y.to(device=self.device, dtype=torch.int64)
         if self.temperature != 1.0:
             z64.div_(self.temperature)
         lse = torch.logsumexp(z64, dim=1)
-        log_p = z64.sub_(lse[:, None])  # in place: one [rows, V] float64 buffer
+        log_p = z64.sub_(lse[:, None])
         log_p_y = log_p.gather(1, y[:, None]).squeeze(1)
-        p = safe_exp(log_p)
+        p = log_p.clamp_(min=-708.0).exp_()  # safe_exp, in place: log_p is not needed past here
         conf, pred = p.max(dim=1)
         p_y = log_p_y.exp()
         self._nll -= log_p_y.sum()

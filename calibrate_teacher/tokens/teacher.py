@@ -55,16 +55,25 @@ class LmHead:
         """``V``, the number of rows of the weight."""
         return int(self.weight.shape[0])
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits ``[n, V]`` of final hidden states ``[n, H]`` (computed in the head's dtype)."""
+    def logits(self, hidden: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``[n, V]`` of final hidden states ``[n, H]`` (computed in the head's dtype).
+
+        ``out`` (float32 ``[n, V]``, used only for a float32 head) receives them in place, so a
+        pass reuses one buffer instead of allocating a chunk per step.
+        """
         import torch
 
         h = hidden.to(device=self.weight.device, dtype=self.weight.dtype)
-        z = torch.nn.functional.linear(h, self.weight, self.bias)
+        if out is not None and self.weight.dtype == torch.float32:
+            z = torch.matmul(h, self.weight.T, out=out)
+            if self.bias is not None:
+                z.add_(self.bias)
+        else:
+            z = torch.nn.functional.linear(h, self.weight, self.bias)
         if self.scale is not None:
-            z = z * self.scale
+            z.mul_(self.scale)
         if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z.float()
 
 
