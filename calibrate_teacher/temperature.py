@@ -62,6 +62,8 @@ __all__ = [
     "SweepPoint",
     "TemperatureFit",
     "fit_temperature",
+    "paper_block",
+    "paper_position",
     "sweep",
 ]
 
@@ -69,6 +71,22 @@ Objective = Literal["nll", "ece", "adaece", "ace", "paper", "fixed"]
 OBJECTIVES: tuple[str, ...] = ("nll", "ece", "adaece", "ace", "paper", "fixed")
 PAPER_DEFAULT_T = 1.5
 PAPER_RANGE = (1.5, 3.0)
+
+
+def paper_position(temperature: float) -> str:
+    """Where ``temperature`` sits relative to the paper's robust range 1.5-3.0: below, within, above."""
+    lo, hi = PAPER_RANGE
+    return "below" if temperature < lo else "above" if temperature > hi else "within"
+
+
+def paper_block(temperature: float) -> dict[str, object]:
+    """The ``paper`` block of every fit report: the paper's default T, its range, where T sits."""
+    return {
+        "default_temperature": PAPER_DEFAULT_T,
+        "robust_range": list(PAPER_RANGE),
+        "position": paper_position(temperature),
+        "sharpens": temperature < 1.0,
+    }
 #: Temperatures tried within PAPER_RANGE by ``objective="paper"`` (spacing about 1.1 % in T).
 PAPER_GRID = 64
 
@@ -197,8 +215,7 @@ class TemperatureFit:
     @property
     def paper_range(self) -> str:
         """Where ``T`` sits relative to the paper's robust range 1.5-3.0: below, within, above."""
-        lo, hi = PAPER_RANGE
-        return "below" if self.temperature < lo else "above" if self.temperature > hi else "within"
+        return paper_position(self.temperature)
 
     def to_json(self) -> dict[str, object]:
         """The JSON report: temperature, objective, before, after, sweep, definitions..."""
@@ -207,12 +224,7 @@ class TemperatureFit:
             "objective": self.objective,
             "objective_value": self.objective_value,
             "verdict": self.verdict,
-            "paper": {
-                "default_temperature": PAPER_DEFAULT_T,
-                "robust_range": list(PAPER_RANGE),
-                "position": self.paper_range,
-                "sharpens": self.temperature < 1.0,
-            },
+            "paper": paper_block(self.temperature),
             "iterations": self.iterations,
             "passes": self.passes,
             "bounds": list(self.bounds),

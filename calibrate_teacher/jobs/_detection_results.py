@@ -91,10 +91,8 @@ class DetectorCalibration:
     def to_json(self) -> dict[str, object]:
         """The JSON report (``task: detection``, ``kind: fit``)."""
         from calibrate_teacher.detection.metrics import DETECTION_DEFINITIONS
-        from calibrate_teacher.temperature import PAPER_DEFAULT_T, PAPER_RANGE
+        from calibrate_teacher.temperature import paper_block
 
-        t = self.fit.temperature
-        position = "below" if t < PAPER_RANGE[0] else "above" if t > PAPER_RANGE[1] else "within"
         doc: dict[str, object] = {
             "task": REPORT_TASK,
             "kind": "fit",
@@ -109,12 +107,7 @@ class DetectorCalibration:
         doc.update(
             {
                 "verdict": self.after.verdict,
-                "paper": {
-                    "default_temperature": PAPER_DEFAULT_T,
-                    "robust_range": list(PAPER_RANGE),
-                    "position": position,
-                    "sharpens": t < 1.0,
-                },
+                "paper": paper_block(self.fit.temperature),
                 "before": self.before.to_json(),
                 "after": self.after.to_json(),
                 "definitions": dict(DETECTION_DEFINITIONS),
@@ -140,14 +133,14 @@ class DetectorCalibration:
         """A few lines: T, how it was chosen, D-ECE and mAP before and after, the paper's range."""
         from rich.text import Text
 
-        from calibrate_teacher.temperature import PAPER_RANGE
+        from calibrate_teacher.temperature import PAPER_RANGE, paper_position
 
         t, fit = self.fit.temperature, self.fit
         how = {"fixed": "given", "dece": "minimises D-ECE", "nll": f"minimises the {fit.head} NLL (exact)"}
         text = Text()
         text.append(f"T = {t:.4f}", style="bold")
         text.append(f" ({how.get(fit.objective, fit.objective)}; class logits only, boxes unchanged)\n")
-        position = "below" if t < PAPER_RANGE[0] else "above" if t > PAPER_RANGE[1] else "within"
+        position = paper_position(t)
 
         def pct(value: float | None) -> str:
             return "n/a" if value is None else f"{100 * value:.2f}%"

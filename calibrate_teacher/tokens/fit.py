@@ -33,6 +33,8 @@ from calibrate_teacher.temperature import (
     SweepPoint,
     _grid,
     _point,
+    paper_block,
+    paper_position,
 )
 from calibrate_teacher.tokens._store import SMALL_VOCAB
 from calibrate_teacher.tokens.metrics import TOKEN_DEFINITIONS, TokenMetrics, token_metrics
@@ -188,8 +190,7 @@ class TokenFit:
     @property
     def paper_range(self) -> str:
         """Where ``T`` sits relative to the paper's 1.5-3.0: below, within, above."""
-        lo, hi = PAPER_RANGE
-        return "below" if self.temperature < lo else "above" if self.temperature > hi else "within"
+        return paper_position(self.temperature)
 
     def to_json(self) -> dict[str, object]:
         """The JSON report, keyed as :meth:`~calibrate_teacher.TemperatureFit.to_json`, plus ``unit: token``."""
@@ -198,12 +199,7 @@ class TokenFit:
             "objective": self.objective,
             "objective_value": self.objective_value,
             "verdict": self.verdict,
-            "paper": {
-                "default_temperature": PAPER_DEFAULT_T,
-                "robust_range": list(PAPER_RANGE),
-                "position": self.paper_range,
-                "sharpens": self.temperature < 1.0,
-            },
+            "paper": paper_block(self.temperature),
             "iterations": self.iterations,
             "passes": self.passes,
             "bounds": list(self.bounds),
