@@ -14,7 +14,7 @@ from calibrate_teacher.errors import CacheError
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from calibrate_teacher.soft_labels import CacheDescription
+    from calibrate_teacher.soft_labels import CacheDescription, CacheManifest
 
 
 def inspect_cache(
@@ -86,9 +86,7 @@ def cache_table(description: CacheDescription) -> Table:
         ("teacher", f"{m.teacher.get('file', '?')} ({m.teacher.get('format', '?')}, "
                     f"sha256 {str(m.teacher.get('sha256', '?'))[:12]})"),
         ("data", _data_text(m.data)),
-        (("sequences, tokens x vocabulary", f"{m.num_samples:,}, {int(m.data.get('num_tokens') or 0):,} x "
-          f"{m.num_classes:,}") if m.layout.unit == "token" else ("samples x classes",
-                                                                    f"{m.num_samples:,} x {m.num_classes:,}")),
+        _size_row(m),
         ("temperature T", f"{m.temperature:.4g} ({how}); values stored = logits / T"),
         ("layout", f"{layout}, full-row logsumexp in float32"),
         ("shards", f"{m.num_shards} of up to {m.layout.shard_rows:,} rows"),
@@ -118,3 +116,12 @@ def _size(n: int) -> str:
             return f"{size:,.1f} {unit}" if unit != "B" else f"{n} B"
         size /= 1024
     return f"{n} B"
+
+
+def _size_row(m: CacheManifest) -> tuple[str, str]:
+    """``samples x classes``, or for a token cache ``sequences, tokens x vocabulary``."""
+    if m.layout.unit != "token":
+        return "samples x classes", f"{m.num_samples:,} x {m.num_classes:,}"
+    tokens = m.data.get("num_tokens")
+    counted = f"{tokens:,}" if isinstance(tokens, int) else "?"
+    return "sequences, tokens x vocabulary", f"{m.num_samples:,}, {counted} x {m.num_classes:,}"

@@ -21,6 +21,8 @@ from calibrate_teacher.errors import CacheError
 from calibrate_teacher.soft_labels._format import FORMAT, CacheManifest
 
 if TYPE_CHECKING:
+    import mmap
+
     import numpy as np
 
 #: safetensors dtype codes for the numpy dtypes a shard holds.
@@ -135,3 +137,46 @@ def parse_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             f"{path}: corrupt shard header ({type(exc).__name__}); re-export it"
         ) from exc
     return tensors, meta
+
+
+def map_arrays(
+    path: Path, tensors: Mapping[str, TensorEntry], *, size: int, sha256: str | None, fix: str
+) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
+    """Memory-map a shard read-only and view its tensors, checking its SHA-256 when one is given.
+
+    Args:
+        path: The shard file.
+        tensors: Its header's tensors (:func:`parse_header`).
+        size: The file's size in bytes (each tensor must lie within it).
+        sha256: The checksum the manifest lists, or None not to hash the file.
+        fix: What to tell the user to do about a checksum mismatch.
+
+    Returns:
+        The map (keep it open while the views are used) and one numpy view per tensor.
+
+    Raises:
+        CacheError: a checksum mismatch, or a tensor running past the file.
+    """
+    import math
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if sha256 is not None:
+        # One pass over the mapped pages (hashlib releases the GIL); they stay cached for reading.
+        digest = hashlib.sha256(mapped).hexdigest()
+        if digest != sha256:
+            raise CacheError(
+                f"{path}: checksum mismatch (manifest.json {sha256[:12]}..., file {digest[:12]}...); "
+                f"the shard is corrupt or was replaced: {fix}"
+            )
+    arrays = {}
+    for name, entry in tensors.items():
+        dtype = np.dtype(entry.dtype).newbyteorder("<")
+        count = math.prod(entry.shape)
+        if entry.end > size or entry.end - entry.start != count * dtype.itemsize:
+            raise CacheError(f"{path}: tensor {name} runs past the file (truncated?); re-export")
+        arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
+    return mapped, arrays

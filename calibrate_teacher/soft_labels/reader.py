@@ -11,9 +11,7 @@ spread is an approximation of the tail.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import TYPE_CHECKING, Union
 
 from calibrate_teacher.errors import CacheError
 from calibrate_teacher.soft_labels._format import KEYS_NAME, CacheManifest, ShardInfo, read_manifest
-from calibrate_teacher.soft_labels._safetensors import parse_header
+from calibrate_teacher.soft_labels._safetensors import map_arrays, parse_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,7 +44,6 @@ class _Shard:
     def __init__(
         self, path: Path, manifest: CacheManifest, number: int, info: ShardInfo, *, verify: bool
     ) -> None:
-        import numpy as np
 
         tensors, meta = parse_header(path)
         size = path.stat().st_size
@@ -74,23 +71,10 @@ class _Shard:
                 f"{meta.get('rows')}, but manifest.json lists it as shard {number}, rows "
                 f"{info.first_row}+{info.rows}; re-export the cache"
             )
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        if verify:
-            # One pass over the mapped pages (hashlib releases the GIL); they stay cached for reading.
-            digest = hashlib.sha256(self._map).hexdigest()
-            if digest != info.sha256:
-                raise CacheError(
-                    f"{path}: checksum mismatch (manifest.json {info.sha256[:12]}..., file {digest[:12]}...); "
-                    "the shard is corrupt or was replaced: run `calibrate-teacher inspect --verify` and re-export"
-                )
-        arrays = {}
-        for name, entry in tensors.items():
-            dtype = np.dtype(entry.dtype).newbyteorder("<")
-            count = math.prod(entry.shape)
-            if entry.end > size or entry.end - entry.start != count * dtype.itemsize:
-                raise CacheError(f"{path}: tensor {name} runs past the file (truncated?); re-export")
-            arrays[name] = np.frombuffer(self._map, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
+        self._map, arrays = map_arrays(
+            path, tensors, size=size, sha256=info.sha256 if verify else None,
+            fix="run `calibrate-teacher inspect --verify` and re-export",
+        )
         self.sample_index = arrays["sample_index"]
         self.label = arrays["label"]
         self.lse = arrays["lse"]

@@ -14,9 +14,6 @@ wrong tokens.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from calibrate_teacher.errors import CacheError
 from calibrate_teacher.soft_labels._format import KEYS_NAME, CacheManifest, ShardInfo, read_manifest
-from calibrate_teacher.soft_labels._safetensors import parse_header
+from calibrate_teacher.soft_labels._safetensors import map_arrays, parse_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -102,22 +99,10 @@ class _TokenShard:
         header = {"shard": str(number), "first_row": str(info.first_row), "rows": str(info.rows)}
         if any(meta.get(k) != v for k, v in header.items()):
             raise CacheError(f"{path}: its header names another shard or rows than manifest.json; re-export the cache")
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        if verify:
-            digest = hashlib.sha256(self._map).hexdigest()
-            if digest != info.sha256:
-                raise CacheError(
-                    f"{path}: checksum mismatch (manifest.json {info.sha256[:12]}..., file {digest[:12]}...); "
-                    "the shard is corrupt or was replaced: re-export the cache"
-                )
-        arrays = {}
-        for name, entry in tensors.items():
-            dtype = np.dtype(entry.dtype).newbyteorder("<")
-            count = math.prod(entry.shape)
-            if entry.end > size or entry.end - entry.start != count * dtype.itemsize:
-                raise CacheError(f"{path}: tensor {name} runs past the file (truncated?); re-export")
-            arrays[name] = np.frombuffer(self._map, dtype=dtype, count=count, offset=entry.start).reshape(entry.shape)
+        self._map, arrays = map_arrays(
+            path, tensors, size=size, sha256=info.sha256 if verify else None,
+            fix="re-export the cache",
+        )
         self.arrays = arrays
         self.seq_offsets = arrays["seq_offsets"]
         self.ids_offsets = arrays["ids_offsets"]
