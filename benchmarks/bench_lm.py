@@ -8,6 +8,7 @@ A tiny random-init Llama (2 layers, ``--hidden``, ``--vocab``) is built from its
 batches (8 rows x 257 tokens, about 2k scored tokens each) are sampled once. In the same run:
 
 - the bare forward: ``model(**batch)`` over every batch, under ``torch.no_grad()``;
+- ``export_token_soft_labels`` over the same sequences (top-64 + logsumexp written to disk);
 - ``evaluate_tokens`` (one inference pass + metrics at T = 1) and ``calibrate_tokens`` (inference,
   the fit, before/after metrics and the sweep), with their seconds split into inference and fit,
   tokens/s and the ratio to the bare forward;
@@ -84,6 +85,26 @@ def bare_forward(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]])
     return seconds
 
 
+def export_seconds(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Seconds of ``export_token_soft_labels`` over the same sequences (an .npz of them), top-64."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from calibrate_teacher.data import open_data
+    from calibrate_teacher.jobs import export_token_soft_labels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        arrays = {k: torch.cat([b[k] for b in batches]).numpy() for k in ("input_ids", "attention_mask", "labels")}
+        np.savez(Path(tmp) / "tokens.npz", **arrays)
+        source = open_data(Path(tmp) / "tokens.npz")
+        rows = batches[0]["input_ids"].shape[0]
+        seconds, _ = _timed(lambda: export_token_soft_labels(
+            model, source, Path(tmp) / "cache", temperature=1.5, top_k=64, batch_size=rows))
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=20_000)
@@ -108,10 +129,12 @@ def main() -> None:
     bare = bare_forward(model, data)
     ev_s, ev = _timed(lambda: evaluate_tokens(model, data))
     fit_s, fit_mem = peak_growth(lambda: calibrate_tokens(model, data, objective=args.objective))
+    export_s = export_seconds(model, data)
     rows = [
         ("bare model(**batch) forward", bare, None),
         ("evaluate_tokens (inference + metrics at T = 1)", ev_s, None),
         (f"calibrate_tokens(objective={args.objective!r}): all", fit_s, fit_mem),
+        ("export_token_soft_labels (top-64 + lse, to disk)", export_s, None),
     ]
     print(f"{'what':<52} {'seconds':>8} {'tokens/s':>10} {'x bare':>7} {'peak +MiB':>10}")
     for name, seconds, mem in rows:

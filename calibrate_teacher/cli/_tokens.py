@@ -81,6 +81,7 @@ def fit(
     document = run.to_json()
     _write_report(document, report, overwrite=overwrite)
     if run.baked is not None:
+        _print_notes([line for line in run.baked.notes if line not in run.notes])  # not the loading twice
         note(f"baked teacher written to {run.baked.path} (outputs = logits / {run.temperature:.4f})")
     render_or_json(document, json_output, [run.table()])
 
