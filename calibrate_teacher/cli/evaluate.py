@@ -64,6 +64,8 @@ def evaluate(
       calibrate-teacher evaluate --logits val.safetensors --n-bins 20 --json
       calibrate-teacher evaluate examples/digits/teacher.onnx --data examples/digits/val --diagram rel.png
       calibrate-teacher evaluate examples/detection/detector.onnx --data examples/detection/coco
+      calibrate-teacher evaluate examples/text/bert-teacher --data examples/text/val.jsonl
+      calibrate-teacher evaluate examples/lm/tiny-llama --data examples/lm/val.jsonl --json
     """
     if _detection.routes(teacher_spec, data_spec, detection):  # COCO data or a detector: D-ECE and mAP
         assert detection is not None

@@ -102,6 +102,7 @@ def export_soft_labels(
       calibrate-teacher export-soft-labels teacher.onnx --data train/ --out cache/ \
           --from-report fit.json
       calibrate-teacher export-soft-labels teacher.pt --data train.npz --out cache/ -t 2 --top-k 10
+      calibrate-teacher export-soft-labels ./tiny-llama --data train.jsonl --out lm-cache/ -t 1.5 --top-k 64
       torchrun --nproc-per-node 4 -m calibrate_teacher export-soft-labels teacher.onnx \
           --data train/ --out cache/ -t 1.5
       calibrate-teacher export-soft-labels detector.onnx --data coco/annotations.json --images coco/images \

@@ -80,6 +80,10 @@ def fit(
     <stem>.calibrated<suffix>, or to --out. Downstream KD trainers that divide teacher and
     student by their own tau then see the calibrated teacher at tau * T.
 
+    A Hugging Face directory is baked into <dir>-calibrated. A causal LM or token classifier
+    is measured and fitted over its scored tokens (exact at any vocabulary size); a detector
+    on COCO data over its matched detections (D-ECE, mAP before and after).
+
     Examples:
       calibrate-teacher fit examples/digits/teacher.onnx --data examples/digits/val
       calibrate-teacher fit --logits val.safetensors --objective nll --json
@@ -87,6 +91,8 @@ def fit(
       calibrate-teacher fit teacher.onnx --logits val.safetensors --temperature 1.5 --out teacher.t15.onnx
       calibrate-teacher fit teacher.onnx --data val/ --save-logits val.safetensors --report fit.json
       calibrate-teacher fit examples/detection/detector.onnx --data examples/detection/coco --score-threshold 0.3
+      calibrate-teacher fit examples/text/bert-teacher --data examples/text/val.jsonl --text-field text --id-field id
+      calibrate-teacher fit examples/lm/tiny-llama --data examples/lm/val.jsonl --objective nll
     """
     if _detection.routes(teacher_spec, data_spec, detection):  # COCO data or a detector: T on the class logits
         assert detection is not None
