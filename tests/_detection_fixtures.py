@@ -286,6 +286,24 @@ class TinyTwoStage(torch.nn.Module):
             out.append({"boxes": boxes, "logits": logits})
         return out
 
+    def classify_proposals(self, images: torch.Tensor, proposals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The RoI head's class logits ``[N_i, C + 1]`` of given boxes (xyxy input pixels).
+
+        A box's RoI feature is the backbone feature of the grid cell holding its centre (clamped
+        to the grid), as ``forward``'s proposals take their own cell's feature, and as the box
+        head was trained (a cell is labelled by the box holding its centre).
+        """
+        feat = self.backbone(images)
+        b, f, gh, gw = feat.shape
+        cells = feat.reshape(b, f, -1).transpose(1, 2)
+        out = []
+        for i, boxes in enumerate(proposals):
+            centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+            gx = torch.div(centre[:, 0], STRIDE, rounding_mode="floor").long().clamp(0, gw - 1)
+            gy = torch.div(centre[:, 1], STRIDE, rounding_mode="floor").long().clamp(0, gh - 1)
+            out.append(self.roi_heads.box_predictor.cls_score(self.box_head(cells[i, gy * gw + gx])))
+        return out
+
 
 def tiny_two_stage(layout: str = "torchvision") -> TinyTwoStage:
     """``--arch`` factory of :class:`TinyTwoStage` (``layout``: torchvision or detectron2)."""

@@ -130,6 +130,40 @@ class TorchDetectionTeacher:
             )
         return [self._one(item) for item in out]
 
+    def roi_logits(self, images: torch.Tensor, proposals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The RoI head's class logits ``[N_i, C + 1]`` of given boxes (xyxy input pixels), one per image.
+
+        Calls the module's ``classify_proposals(images, proposals)`` (the contract in
+        :mod:`calibrate_teacher.detection.proposals`); float32 CPU tensors.
+
+        Raises:
+            TeacherError: the module has no ``classify_proposals``, or it returns other shapes.
+        """
+        import torch
+
+        classify = getattr(self.model, "classify_proposals", None)
+        if not callable(classify):
+            raise TeacherError(
+                f"{self.path}: the detector module {type(self.model).__name__} has no "
+                "classify_proposals(images, proposals); see docs/detection.md"
+            )
+        try:
+            with torch.inference_mode():
+                out = classify(images.to(self.device), [p.to(self.device) for p in proposals])
+        except Exception as exc:  # user code
+            raise user_code_error(self.arch, "classifying proposals", exc) from exc
+        ok = isinstance(out, list | tuple) and len(out) == len(proposals)
+        ok = ok and all(
+            isinstance(z, torch.Tensor) and z.ndim == 2 and z.shape[0] == len(p)
+            for z, p in zip(out, proposals, strict=False)
+        )
+        if not ok:
+            raise TeacherError(
+                f"{self.path}: classify_proposals must return one [N_i, C + 1] tensor per image's "
+                f"proposals, got {type(out).__name__}; see docs/detection.md"
+            )
+        return [z.detach().float().cpu() for z in out]
+
     def _one(self, item: object) -> Detections:
         import torch
 

@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from calibrate_teacher.detection.base import Detections, DetectionTeacher, OperatingPoint, to_original
+from calibrate_teacher.detection.proposals import roi_report
 from calibrate_teacher.errors import InputError, InvalidValueError, MissingDependencyError
 from calibrate_teacher.jobs._detection_bake import bake_detector, bake_target
 from calibrate_teacher.jobs._detection_results import DetectorCalibration, DetectorEvaluation
@@ -274,12 +275,16 @@ def evaluate_detector(
         exact = pool.exact_up_to(point.score_threshold)
         if exact is None or t > exact:
             notes.append(f"candidates were selected at T = 1 (score >= {floor}); at T = {t:g} some may be missing")
+    roi, roi_skipped = roi_report(model, source, {"metrics": t}, n_bins=n_bins, batch_size=batch)
+    notes += _roi_notes(roi)
     return DetectorEvaluation(
         teacher=_teacher_info(model),
         data=dict(source.description),
         report=report,
         candidates=_candidates_info(pool, point),
         notes=tuple(notes + more + map_notes),
+        roi_classification=roi,
+        roi_classification_skipped=roi_skipped,
     )
 
 
@@ -383,6 +388,9 @@ def calibrate_detector(
         kwargs = teacher.arch_kwargs if isinstance(teacher, TeacherSpec) else None
         baked = bake_detector(model, source, fit.temperature, target, overwrite, options, kwargs)
         notes += [n for n in baked.notes if n not in notes]
+    temperatures = {"before": 1.0, "after": fit.temperature}
+    roi, roi_skipped = roi_report(model, source, temperatures, n_bins=n_bins, batch_size=batch)
+    notes += _roi_notes(roi)
     return DetectorCalibration(
         teacher=_teacher_info(model),
         data=dict(source.description),
@@ -392,4 +400,16 @@ def calibrate_detector(
         candidates=_candidates_info(pool, point),
         notes=tuple(notes + more + map_notes),
         baked=baked,
+        roi_classification=roi,
+        roi_classification_skipped=roi_skipped,
     )
+
+
+def _roi_notes(roi: Mapping[str, object] | None) -> list[str]:
+    """Say which proposals the RoI classification metrics were measured on (defaults stood in)."""
+    if roi is None:
+        return []
+    return [
+        f"RoI classification: {roi.get('proposals')} proposals sampled as torchvision's RoI sampler does "
+        "(at most 512 per image, at most 25% foreground at IoU >= 0.5, seed 0)"
+    ]

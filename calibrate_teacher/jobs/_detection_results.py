@@ -20,6 +20,13 @@ __all__ = ["REPORT_TASK", "DetectorCalibration", "DetectorEvaluation", "Detector
 REPORT_TASK = "detection"
 
 
+def _roi_json(block: Mapping[str, object] | None, skipped: str | None) -> dict[str, object]:
+    out: dict[str, object] = {"roi_classification": None if block is None else dict(block)}
+    if block is None:
+        out["roi_classification_skipped"] = skipped
+    return out
+
+
 @dataclass(frozen=True)
 class DetectorEvaluation:
     """The result of :func:`evaluate_detector`.
@@ -30,6 +37,9 @@ class DetectorEvaluation:
         report: D-ECE, counts and mAP at ``report.temperature``.
         candidates: How the candidate pool was selected (floor, cap, pairs kept).
         notes: Things the user should know (defaults that stood in for something not given).
+        roi_classification: Two-stage teachers: classification metrics of the RoI logits on
+            sampled proposals (``proposals``, ``sampler``, ``seed``, ``metrics``); else None.
+        roi_classification_skipped: Why ``roi_classification`` is None.
     """
 
     teacher: Mapping[str, object]
@@ -37,6 +47,8 @@ class DetectorEvaluation:
     report: DetectionCalibration
     candidates: Mapping[str, object]
     notes: tuple[str, ...] = field(default=())
+    roi_classification: Mapping[str, object] | None = None
+    roi_classification_skipped: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The JSON report (``task: detection``, ``kind: evaluation``)."""
@@ -54,6 +66,7 @@ class DetectorEvaluation:
             "candidates": dict(self.candidates),
             "metrics": self.report.to_json(),
             "definitions": dict(DETECTION_DEFINITIONS),
+            **_roi_json(self.roi_classification, self.roi_classification_skipped),
             "notes": list(self.notes),
         }
 
@@ -77,6 +90,9 @@ class DetectorCalibration:
         candidates: How the candidate pool was selected.
         notes: Things the user should know.
         baked: The baked teacher, when the job wrote one.
+        roi_classification: Two-stage teachers: RoI classification metrics on sampled
+            proposals ``before`` (T = 1) and ``after`` (the fitted T); else None.
+        roi_classification_skipped: Why ``roi_classification`` is None.
     """
 
     teacher: Mapping[str, object]
@@ -87,6 +103,8 @@ class DetectorCalibration:
     candidates: Mapping[str, object]
     notes: tuple[str, ...] = field(default=())
     baked: DetectorBake | None = None
+    roi_classification: Mapping[str, object] | None = None
+    roi_classification_skipped: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The JSON report (``task: detection``, ``kind: fit``)."""
@@ -112,6 +130,7 @@ class DetectorCalibration:
                 "after": self.after.to_json(),
                 "definitions": dict(DETECTION_DEFINITIONS),
                 "baked": None if self.baked is None else self.baked.to_json(),
+                **_roi_json(self.roi_classification, self.roi_classification_skipped),
                 "notes": list(self.notes),
             }
         )
