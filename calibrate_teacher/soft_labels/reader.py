@@ -172,15 +172,7 @@ class SoftLabelCache:
     def keys(self) -> tuple[str, ...]:
         """The stable sample key of every row, in row order (read from ``keys.txt`` once)."""
         if self._keys is None:
-            path = self.path / KEYS_NAME
-            try:
-                text = path.read_text(encoding="utf-8", errors="surrogateescape")
-            except FileNotFoundError:
-                raise CacheError(f"{path}: missing; re-export the cache") from None
-            keys = tuple(text.split("\n")[:-1])
-            if len(keys) != len(self):
-                raise CacheError(f"{path}: holds {len(keys)} keys for {len(self)} rows; re-export the cache")
-            self._keys = keys
+            self._keys = read_keys(self.path, len(self), unit="rows")
         return self._keys
 
     @property
@@ -351,3 +343,20 @@ class SoftLabelView:
         if self.temperature is None:
             return out
         return torch.softmax(out / self.temperature if self.temperature != 1.0 else out, dim=-1)
+
+
+def read_keys(folder: Path, count: int, *, unit: str) -> tuple[str, ...]:
+    """The ``count`` keys in ``folder/keys.txt``, one per line (``unit`` names them in the error).
+
+    Raises:
+        CacheError: the file is missing or holds another number of keys.
+    """
+    path = folder / KEYS_NAME
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise CacheError(f"{path}: missing; re-export the cache") from None
+    keys = tuple(text.split("\n")[:-1])
+    if len(keys) != count:
+        raise CacheError(f"{path}: holds {len(keys)} keys for {count} {unit}; re-export the cache")
+    return keys

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calibrate_teacher.errors import CacheError
-from calibrate_teacher.soft_labels._format import KEYS_NAME, CacheManifest, ShardInfo, read_manifest
+from calibrate_teacher.soft_labels._format import CacheManifest, ShardInfo, read_manifest
 from calibrate_teacher.soft_labels._safetensors import map_arrays, parse_header
+from calibrate_teacher.soft_labels.reader import read_keys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -201,15 +202,7 @@ class TokenSoftLabelCache:
     def keys(self) -> tuple[str, ...]:
         """Every sequence's key, in order."""
         if self._keys is None:
-            path = self.path / KEYS_NAME
-            try:
-                text = path.read_text(encoding="utf-8", errors="surrogateescape")
-            except FileNotFoundError:
-                raise CacheError(f"{path}: missing; re-export the cache") from None
-            keys = tuple(text.split("\n")[:-1])
-            if len(keys) != len(self):
-                raise CacheError(f"{path}: holds {len(keys)} keys for {len(self)} sequences; re-export the cache")
-            self._keys = keys
+            self._keys = read_keys(self.path, len(self), unit="sequences")
         return self._keys
 
     def input_ids(self, sequence: int) -> torch.Tensor:
